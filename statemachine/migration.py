@@ -1,0 +1,127 @@
+"""The migration spec users write: what SQL runs in which phase."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import uuid
+from collections.abc import Iterable, Sequence
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
+
+
+class InvalidMigration(ValueError):
+    """A `Migration` or `Backfill` was built with values that cannot work."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Backfill:
+    """Rows to rewrite in short batches after EXECUTE commits and before APPLY.
+
+    Example: copy `name` into a new column `full_name` while old code keeps writing `name`:
+    ``Backfill(table="users", set="full_name = name", where="full_name IS NULL")``.
+    Each batch updates at most `batch_size` rows ordered by `key` in its own transaction, so no
+    lock is held for long; the batch loop resumes from the last key after a restart.
+    """
+
+    table: str
+    set: str
+    key: str = "id"
+    where: str | None = None
+    batch_size: int = 1000
+    delay: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not self.table.strip():
+            raise InvalidMigration("backfill needs a table")
+        if not self.set.strip():
+            raise InvalidMigration("backfill needs a SET expression")
+        if self.batch_size < 1:
+            raise InvalidMigration(f"backfill batch_size must be >= 1, got {self.batch_size}")
+        if self.delay < 0:
+            raise InvalidMigration(f"backfill delay must be >= 0, got {self.delay}")
+
+
+def _statements(field: str, value: Iterable[str] | str | None) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        value = [value]
+    out = []
+    for i, stmt in enumerate(value):
+        if not isinstance(stmt, str):
+            raise InvalidMigration(f"{field}[{i}] must be a string, got {type(stmt).__name__}")
+        if not stmt.strip():
+            raise InvalidMigration(f"{field}[{i}] is empty")
+        out.append(stmt.strip())
+    return tuple(out)
+
+
+@dataclasses.dataclass(frozen=True, init=False)
+class Migration:
+    """One schema change, expanded in EXECUTE and optionally contracted after APPLY.
+
+    - `sql` runs in EXECUTE, while old application code is still live: it must be additive.
+    - `contract_sql` runs in CONTRACT, after every agent switched: it may be destructive.
+    - `rollback_sql` undoes `sql` if the migration fails after EXECUTE committed. ``None``
+      means "derive it when the statements allow" (see `statemachine.sql`); ``[]`` means
+      "nothing to undo".
+    - `ack_timeout` overrides the coordinator's ack timeout for this migration only.
+    """
+
+    name: str
+    sql: tuple[str, ...]
+    contract_sql: tuple[str, ...]
+    rollback_sql: tuple[str, ...] | None
+    backfills: tuple[Backfill, ...]
+    ack_timeout: float | None
+    id: str
+
+    def __init__(
+        self,
+        name: str,
+        sql: Sequence[str] | str,
+        *,
+        rollback_sql: Sequence[str] | str | None = None,
+        contract_sql: Sequence[str] | str = (),
+        backfills: Sequence[Backfill] = (),
+        ack_timeout: float | None = None,
+        id: str | None = None,
+    ) -> None:
+        if not isinstance(name, str) or not _NAME_RE.match(name):
+            raise InvalidMigration(
+                f"migration name {name!r} must be 1-128 characters of letters, digits, "
+                "'_', '.', '-', starting with a letter or digit"
+            )
+        stmts = _statements("sql", sql)
+        if not stmts and not backfills:
+            raise InvalidMigration(f"migration {name!r} has no sql")
+        if ack_timeout is not None and not ack_timeout > 0:
+            raise InvalidMigration(f"ack_timeout must be > 0, got {ack_timeout}")
+        for b in backfills:
+            if not isinstance(b, Backfill):
+                raise InvalidMigration(f"backfills must be Backfill instances, got {b!r}")
+        set_ = object.__setattr__
+        set_(self, "name", name)
+        set_(self, "sql", stmts)
+        set_(self, "contract_sql", _statements("contract_sql", contract_sql))
+        set_(
+            self,
+            "rollback_sql",
+            None if rollback_sql is None else _statements("rollback_sql", rollback_sql),
+        )
+        set_(self, "backfills", tuple(backfills))
+        set_(self, "ack_timeout", ack_timeout)
+        set_(self, "id", id if id is not None else str(uuid.uuid4()))
+
+    def with_rollback(self, rollback_sql: Sequence[str]) -> Migration:
+        """A copy with `rollback_sql` filled in (used once a rollback was derived)."""
+        return Migration(
+            self.name,
+            self.sql,
+            rollback_sql=rollback_sql,
+            contract_sql=self.contract_sql,
+            backfills=self.backfills,
+            ack_timeout=self.ack_timeout,
+            id=self.id,
+        )
