@@ -1,0 +1,217 @@
+"""One agent's WebSocket connection: handshake, frame parsing, heartbeat, outbox.
+
+Every frame an agent sends is parsed here (`statemachine.protocol.decode_agent_message`).
+`serve_connection` never lets an exception escape: trio-websocket would otherwise cancel the
+whole server (DESIGN.md section 5), so one bad client can only ever close its own connection.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from typing import TYPE_CHECKING
+
+import trio
+from trio_websocket import ConnectionClosed, WebSocketConnection
+
+from coordinator.events import AgentJoined, AgentLeft, BadFrame
+from coordinator.fleet import OUTBOX_SIZE, AgentLink, DuplicateAgent
+from statemachine.ledger import AckOutcome
+from statemachine.protocol import (
+    CLOSE_DUPLICATE_AGENT,
+    CLOSE_HANDSHAKE_TIMEOUT,
+    CLOSE_PROTOCOL_ERROR,
+    CLOSE_UNAUTHORIZED,
+    CLOSE_VERSION_MISMATCH,
+    PROTOCOL_VERSION,
+    Ack,
+    Error,
+    Hello,
+    Nack,
+    ProtocolError,
+    Welcome,
+    decode_agent_message,
+    encode,
+)
+
+if TYPE_CHECKING:
+    from coordinator.core import Coordinator
+
+log = logging.getLogger("lockstep.coordinator")
+
+
+class _Refused(Exception):
+    def __init__(self, close_code: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.close_code = close_code
+        self.code = code
+        self.message = message
+
+
+def _remote(ws: WebSocketConnection) -> str:
+    try:
+        return str(ws.remote)
+    except Exception:
+        return "?"
+
+
+async def _refuse(ws: WebSocketConnection, refused: _Refused) -> None:
+    with trio.move_on_after(2):
+        await ws.send_message(encode(Error(code=refused.code, message=refused.message, fatal=True)))
+        await ws.aclose(refused.close_code, refused.message[:120])
+
+
+async def serve_connection(coordinator: Coordinator, ws: WebSocketConnection) -> None:
+    """Handle one accepted connection until it closes; never raises (except Cancelled)."""
+    remote = _remote(ws)
+    try:
+        hello = await _handshake(coordinator, ws)
+    except _Refused as refused:
+        coordinator.events.emit(BadFrame(None, remote, refused.code, refused.message))
+        log.info("refused connection from %s: %s", remote, refused.message)
+        with contextlib.suppress(Exception):
+            await _refuse(ws, refused)
+        return
+    except ConnectionClosed:
+        return
+    except Exception:
+        log.exception("handshake with %s failed", remote)
+        with trio.move_on_after(1):
+            await ws.aclose(1011, "internal error")
+        return
+
+    send, receive = trio.open_memory_channel[str](OUTBOX_SIZE)
+    link = AgentLink(hello.agent_id, remote, time.time(), send)
+    try:
+        coordinator.fleet.add(link)
+    except DuplicateAgent as exc:
+        with trio.move_on_after(2):
+            await _refuse(ws, _Refused(CLOSE_DUPLICATE_AGENT, "duplicate_agent", str(exc)))
+        return
+    reason = "connection closed"
+    try:
+        coordinator.agent_joined(hello.agent_id)
+        coordinator.events.emit(AgentJoined(hello.agent_id, remote))
+        welcome = Welcome(
+            protocol=PROTOCOL_VERSION,
+            applied=coordinator.applied_names(),
+            heartbeat_interval=coordinator.heartbeat_interval,
+        )
+        await ws.send_message(encode(welcome))
+        async with trio.open_nursery() as nursery:
+
+            async def reader() -> None:
+                await _read_frames(coordinator, ws, link)
+                nursery.cancel_scope.cancel()
+
+            async def kicker() -> None:
+                await link.kick.wait()
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(reader)
+            nursery.start_soon(_send_frames, ws, receive)
+            nursery.start_soon(_heartbeat, coordinator.heartbeat_interval, ws)
+            nursery.start_soon(kicker)
+        if link.kick.is_set():
+            reason = link.kick_reason
+            with trio.move_on_after(2):
+                await ws.aclose(1008, link.kick_reason[:120])
+    except* ConnectionClosed:
+        pass
+    except* trio.TooSlowError:
+        reason = "heartbeat timed out"
+    except* Exception as group:
+        reason = f"internal error: {group.exceptions[0]!r}"
+        log.error("connection of agent %s failed", hello.agent_id, exc_info=group)
+    finally:
+        with trio.CancelScope(shield=True):
+            if coordinator.fleet.remove(link):
+                coordinator.agent_left(hello.agent_id)
+                coordinator.events.emit(AgentLeft(hello.agent_id, reason))
+            with trio.move_on_after(1):
+                await ws.aclose()
+
+
+async def _handshake(coordinator: Coordinator, ws: WebSocketConnection) -> Hello:
+    try:
+        with trio.fail_after(coordinator.handshake_timeout):
+            frame = await ws.get_message()
+    except trio.TooSlowError:
+        raise _Refused(
+            CLOSE_HANDSHAKE_TIMEOUT, "handshake_timeout", "no hello within the handshake timeout"
+        ) from None
+    try:
+        msg = decode_agent_message(frame)
+    except ProtocolError as exc:
+        raise _Refused(CLOSE_PROTOCOL_ERROR, exc.code, exc.message) from None
+    if not isinstance(msg, Hello):
+        raise _Refused(
+            CLOSE_PROTOCOL_ERROR, "expected_hello", f"the first frame must be hello, got {msg!r}"
+        )
+    if msg.protocol != PROTOCOL_VERSION:
+        raise _Refused(
+            CLOSE_VERSION_MISMATCH,
+            "version_mismatch",
+            f"protocol {msg.protocol} is not supported; this coordinator speaks {PROTOCOL_VERSION}",
+        )
+    if coordinator.token is not None and msg.token != coordinator.token:
+        raise _Refused(CLOSE_UNAUTHORIZED, "unauthorized", "missing or wrong token")
+    return msg
+
+
+async def _read_frames(coordinator: Coordinator, ws: WebSocketConnection, link: AgentLink) -> None:
+    agent_id = link.agent_id
+    while True:
+        try:
+            frame = await ws.get_message()
+        except ConnectionClosed:
+            return
+        try:
+            msg = decode_agent_message(frame)
+        except ProtocolError as exc:
+            _reply_error(coordinator, link, exc.code, exc.message)
+            continue
+        if isinstance(msg, Hello):
+            _reply_error(coordinator, link, "unexpected_hello", "hello was already received")
+            continue
+        if isinstance(msg, Ack):
+            outcome = coordinator.route_ack(agent_id, msg)
+        else:
+            assert isinstance(msg, Nack)
+            outcome = coordinator.route_nack(agent_id, msg)
+        if outcome is AckOutcome.STRANGER or (
+            outcome in (AckOutcome.STALE, AckOutcome.CLOSED)
+            and not coordinator.is_active_migration(msg.migration_id)
+        ):
+            # A late answer for the running migration's previous phase is a normal race and
+            # stays quiet; an answer nobody could have asked for is worth telling the agent.
+            _reply_error(
+                coordinator,
+                link,
+                f"{outcome.value}_answer",
+                f"{type(msg).__name__.lower()} for migration {msg.migration_id} phase "
+                f"{msg.phase.value} does not count: {outcome.value}",
+            )
+
+
+def _reply_error(coordinator: Coordinator, link: AgentLink, code: str, message: str) -> None:
+    coordinator.events.emit(BadFrame(link.agent_id, link.remote, code, message))
+    log.info("agent %s: %s: %s", link.agent_id, code, message)
+    coordinator.fleet.send(link.agent_id, encode(Error(code=code, message=message)))
+
+
+async def _send_frames(ws: WebSocketConnection, outbox: trio.MemoryReceiveChannel[str]) -> None:
+    async for frame in outbox:
+        await ws.send_message(frame)
+
+
+async def _heartbeat(interval: float, ws: WebSocketConnection) -> None:
+    """Detect dead peers: a ping must be answered within `interval` seconds."""
+    if not math.isfinite(interval) or interval <= 0:
+        return
+    while True:
+        await trio.sleep(interval)
+        with trio.fail_after(interval):
+            await ws.ping()

@@ -1,0 +1,242 @@
+"""The coordinator: fleet registry, WebSocket server and the one-at-a-time migration queue.
+
+`open_coordinator` is the embedding API (an async context manager); `serve_coordinator` is the
+same thing as a `nursery.start`-able task for host programs that prefer that shape.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import trio
+from trio_websocket import WebSocketConnection, WebSocketRequest, serve_websocket
+
+from coordinator.connection import serve_connection
+from coordinator.events import EventBus, MigrationFinished, Subscriber
+from coordinator.executor import Executor, PostgresExecutor
+from coordinator.fleet import Fleet
+from coordinator.history import AlreadyApplied, History, InMemoryHistory, PostgresHistory, checksum
+from coordinator.runner import MigrationRun
+from statemachine.exceptions import unwrap_single_group
+from statemachine.ledger import AckOutcome
+from statemachine.migration import Migration
+from statemachine.protocol import Ack, Nack
+from statemachine.result import MigrationResult
+
+log = logging.getLogger("lockstep.coordinator")
+
+
+class Coordinator:
+    """Holds the fleet and runs migrations one at a time (DESIGN.md invariant 5).
+
+    Build it with `open_coordinator`; construct it directly only to drive it over your own
+    transport (the property tests hand it in-memory WebSocket connections).
+    """
+
+    def __init__(
+        self,
+        *,
+        executor: Executor,
+        history: History | None = None,
+        ack_timeout: float = 30.0,
+        heartbeat_interval: float = 5.0,
+        handshake_timeout: float = 10.0,
+        token: str | None = None,
+    ) -> None:
+        if not ack_timeout > 0:
+            raise ValueError(f"ack_timeout must be > 0, got {ack_timeout}")
+        self.executor = executor
+        self.history: History = history if history is not None else InMemoryHistory()
+        self.ack_timeout = ack_timeout
+        self.heartbeat_interval = heartbeat_interval
+        self.handshake_timeout = handshake_timeout
+        self.token = token
+        self.fleet = Fleet()
+        self.events = EventBus()
+        self.url = ""
+        self._applied: list[str] = []
+        self._queue = trio.Lock()
+        self._active: MigrationRun | None = None
+
+    # ------------------------------------------------------------- public API
+    @property
+    def agents(self) -> frozenset[str]:
+        """Ids of the agents connected right now."""
+        return self.fleet.agent_ids
+
+    def subscribe(self, subscriber: Subscriber) -> Any:
+        """Receive every `coordinator.events` event; returns an unsubscribe function."""
+        return self.events.subscribe(subscriber)
+
+    async def wait_for_agents(self, count: int, timeout: float | None = None) -> None:
+        """Wait until `count` agents are connected; `trio.TooSlowError` after `timeout`."""
+        with trio.fail_after(math.inf if timeout is None else timeout):
+            await self.fleet.wait_for(count)
+
+    async def load_history(self) -> None:
+        self._applied = [a.name for a in await self.history.applied()]
+
+    async def run_migration(self, migration: Migration) -> MigrationResult:
+        """Run `migration` through every phase; waits its turn if another one is running.
+
+        Returns the result whether it completed or rolled back; raises only for misuse
+        (`AlreadyApplied` when the name already completed on this database).
+        """
+        async with self._queue, self.history.migration_lock():
+            await self.load_history()
+            applied = {a.name: a.checksum for a in await self.history.applied()}
+            if migration.name in applied:
+                same = applied[migration.name] == checksum(migration)
+                raise AlreadyApplied(
+                    f"migration {migration.name!r} already completed on this database"
+                    + ("" if same else " (with different SQL: its checksum changed)")
+                )
+            run = MigrationRun(
+                migration,
+                fleet=self.fleet,
+                executor=self.executor,
+                events=self.events,
+                ack_timeout=self.ack_timeout,
+                rollback_sql=migration.rollback_sql,
+            )
+            await self.history.record_start(migration)
+            self._active = run
+            try:
+                result = await run.run()
+            finally:
+                self._active = None
+                with trio.CancelScope(shield=True):
+                    await self.history.record_finish(migration, run.result())
+            if result.status.value == "completed":
+                self._applied.append(migration.name)
+            self.events.emit(MigrationFinished(migration.name, result.status, result.reason))
+            return result
+
+    async def run_migrations(self, migrations: Sequence[Migration]) -> list[MigrationResult]:
+        """Run migrations in order, skipping names already completed, stopping at a failure."""
+        results = []
+        for migration in migrations:
+            await self.load_history()
+            if migration.name in self._applied:
+                continue
+            result = await self.run_migration(migration)
+            results.append(result)
+            if result.status.value != "completed":
+                break
+        return results
+
+    # ------------------------------------------------- used by the connections
+    def applied_names(self) -> list[str]:
+        names = list(self._applied)
+        run = self._active
+        if run is not None and run.machine.applied and run.migration.name not in names:
+            names.append(run.migration.name)
+        return names
+
+    def agent_joined(self, agent_id: str) -> None:
+        if self._active is not None:
+            self._active.on_join(agent_id)
+
+    def agent_left(self, agent_id: str) -> None:
+        if self._active is not None:
+            self._active.on_leave(agent_id)
+
+    def is_active_migration(self, migration_id: str) -> bool:
+        return self._active is not None and self._active.migration.id == migration_id
+
+    def route_ack(self, agent_id: str, ack: Ack) -> AckOutcome:
+        if self._active is None:
+            return AckOutcome.STALE
+        return self._active.on_ack(agent_id, ack.migration_id, ack.phase)
+
+    def route_nack(self, agent_id: str, nack: Nack) -> AckOutcome:
+        if self._active is None:
+            return AckOutcome.STALE
+        return self._active.on_nack(agent_id, nack.migration_id, nack.phase, nack.error)
+
+    async def handle_connection(self, ws: WebSocketConnection) -> None:
+        """Serve one already-accepted WebSocket (any transport); never raises."""
+        await serve_connection(self, ws)
+
+    async def handle_request(self, request: WebSocketRequest) -> None:
+        try:
+            ws = await request.accept()
+        except Exception:
+            log.info("a client went away during the WebSocket upgrade")
+            return
+        await serve_connection(self, ws)
+
+    async def serve(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Accept agents on `host:port` until cancelled; `nursery.start` returns the URL."""
+        async with trio.open_nursery() as nursery:
+            server = await nursery.start(
+                serve_websocket,
+                self.handle_request,
+                host,
+                port,
+                None,
+            )
+            self.url = f"ws://{host}:{server.port}"
+            task_status.started(self.url)
+
+
+@contextlib.asynccontextmanager
+async def open_coordinator(
+    dsn: str,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    ack_timeout: float = 30.0,
+    lock_timeout: float = 0.5,
+    heartbeat_interval: float = 5.0,
+    token: str | None = None,
+    executor: Executor | None = None,
+) -> AsyncIterator[Coordinator]:
+    """Start a coordinator for the database at `dsn`, serving agents on `host:port`.
+
+    Port 0 picks a free port; the URL agents connect to is `coordinator.url`.
+    """
+    history = PostgresHistory(dsn)
+    await history.ensure_schema()
+    coordinator = Coordinator(
+        executor=executor or PostgresExecutor(dsn, lock_timeout=lock_timeout),
+        history=history,
+        ack_timeout=ack_timeout,
+        heartbeat_interval=heartbeat_interval,
+        token=token,
+    )
+    await coordinator.load_history()
+    with unwrap_single_group():
+        async with trio.open_nursery() as nursery:
+            await nursery.start(coordinator.serve, host, port)
+            try:
+                yield coordinator
+            finally:
+                nursery.cancel_scope.cancel()
+
+
+async def serve_coordinator(
+    dsn: str,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    ack_timeout: float = 30.0,
+    token: str | None = None,
+    task_status: trio.TaskStatus[Coordinator] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """`open_coordinator` as a task: `coord = await nursery.start(serve_coordinator, dsn)`."""
+    async with open_coordinator(
+        dsn, host=host, port=port, ack_timeout=ack_timeout, token=token
+    ) as coordinator:
+        task_status.started(coordinator)
+        await trio.sleep_forever()

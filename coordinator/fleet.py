@@ -1,0 +1,107 @@
+"""The registry of connected agents and the one place frames are fanned out to them.
+
+Each connection gets a bounded outbox drained by its own sender task, so a broadcast is a loop of
+non-blocking puts of one already-encoded frame: O(fleet) with no awaits, and one slow or stuck
+agent can never delay the others. An agent whose outbox overflows is disconnected (it would miss
+phase notices otherwise) and, if it owed an ack, that counts as a disconnect.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Iterable, Iterator
+
+import trio
+
+log = logging.getLogger("lockstep.coordinator")
+
+OUTBOX_SIZE = 64
+
+
+@dataclasses.dataclass(eq=False)
+class AgentLink:
+    """One connected agent as the fleet sees it."""
+
+    agent_id: str
+    remote: str
+    connected_at: float
+    outbox: trio.MemorySendChannel[str]
+    #: Set when the coordinator wants this connection closed (slow consumer, shutdown).
+    kick: trio.Event = dataclasses.field(default_factory=trio.Event)
+    kick_reason: str = ""
+
+    def close(self, reason: str) -> None:
+        if not self.kick.is_set():
+            self.kick_reason = reason
+            self.kick.set()
+
+
+class DuplicateAgent(Exception):
+    pass
+
+
+class Fleet:
+    def __init__(self) -> None:
+        self._links: dict[str, AgentLink] = {}
+        self._changed = trio.Event()
+
+    def __len__(self) -> int:
+        return len(self._links)
+
+    def __contains__(self, agent_id: object) -> bool:
+        return agent_id in self._links
+
+    def __iter__(self) -> Iterator[AgentLink]:
+        return iter(list(self._links.values()))
+
+    @property
+    def agent_ids(self) -> frozenset[str]:
+        return frozenset(self._links)
+
+    def add(self, link: AgentLink) -> None:
+        if link.agent_id in self._links:
+            raise DuplicateAgent(f"agent id {link.agent_id!r} is already connected")
+        self._links[link.agent_id] = link
+        self._notify()
+
+    def remove(self, link: AgentLink) -> bool:
+        """Forget `link` if it is still the registered one; returns whether it was."""
+        if self._links.get(link.agent_id) is link:
+            del self._links[link.agent_id]
+            self._notify()
+            return True
+        return False
+
+    def send(self, agent_id: str, frame: str) -> bool:
+        link = self._links.get(agent_id)
+        return link is not None and self._put(link, frame)
+
+    def broadcast(self, frame: str, only: Iterable[str] | None = None) -> int:
+        """Queue `frame` for every agent (or those in `only`); returns how many got it."""
+        links: Iterable[AgentLink]
+        if only is None:
+            links = list(self._links.values())
+        else:
+            links = [link for a in only if (link := self._links.get(a)) is not None]
+        return sum(1 for link in links if self._put(link, frame))
+
+    def _put(self, link: AgentLink, frame: str) -> bool:
+        try:
+            link.outbox.send_nowait(frame)
+        except trio.WouldBlock:
+            log.warning("agent %s is not reading its frames; disconnecting it", link.agent_id)
+            link.close("outbox overflow: the agent stopped reading")
+            return False
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return False
+        return True
+
+    async def wait_for(self, count: int) -> None:
+        """Return once at least `count` agents are connected."""
+        while len(self._links) < count:
+            await self._changed.wait()
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()

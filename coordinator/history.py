@@ -1,0 +1,172 @@
+"""The migration history table and the one-migration-per-database lock.
+
+Like Flyway's schema history, every migration lockstep runs leaves a row in
+`lockstep.migrations` (status, phases, reason, checksum of its SQL). The coordinator reads the
+completed names at start-up to tell joining agents which query set to use, and refuses to run a
+name twice. A session advisory lock, held on its own connection for the whole migration, makes
+a second coordinator on the same database wait its turn (DESIGN.md invariant 5).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+from collections.abc import AsyncIterator
+from typing import Protocol
+
+import trio
+
+from coordinator import pgthread
+from statemachine.migration import Migration
+from statemachine.result import MigrationResult
+
+#: Key of the advisory lock (the bytes "lockstep" read as a signed 64-bit integer).
+ADVISORY_LOCK_KEY = int.from_bytes(b"lockstep", "big", signed=True)
+
+SCHEMA_SQL = """
+CREATE SCHEMA IF NOT EXISTS lockstep;
+CREATE TABLE IF NOT EXISTS lockstep.migrations (
+    id           text PRIMARY KEY,
+    name         text NOT NULL,
+    checksum     text NOT NULL,
+    status       text NOT NULL,
+    started_at   timestamptz NOT NULL DEFAULT now(),
+    finished_at  timestamptz,
+    phases       jsonb NOT NULL DEFAULT '[]',
+    reason       text,
+    schema_restored boolean
+);
+CREATE UNIQUE INDEX IF NOT EXISTS migrations_completed_name
+    ON lockstep.migrations (name) WHERE status = 'completed';
+"""
+
+
+def checksum(migration: Migration) -> str:
+    """Identifies the SQL of a migration, so a changed file under an old name is caught."""
+    body = json.dumps(
+        [migration.sql, migration.contract_sql, migration.rollback_sql], sort_keys=True
+    )
+    return hashlib.sha256(body.encode()).hexdigest()
+
+
+@dataclasses.dataclass(frozen=True)
+class AppliedMigration:
+    name: str
+    checksum: str
+
+
+class AlreadyApplied(Exception):
+    """`run_migration` was given a migration whose name already completed."""
+
+
+class History(Protocol):
+    async def applied(self) -> list[AppliedMigration]: ...
+
+    async def record_start(self, migration: Migration) -> None: ...
+
+    async def record_finish(self, migration: Migration, result: MigrationResult) -> None: ...
+
+    def migration_lock(self) -> contextlib.AbstractAsyncContextManager[None]: ...
+
+
+class InMemoryHistory:
+    """History for tests and embedding without a database of record."""
+
+    def __init__(self) -> None:
+        self.rows: dict[str, tuple[Migration, MigrationResult | None]] = {}
+        self._lock = trio.Lock()
+
+    async def applied(self) -> list[AppliedMigration]:
+        return [
+            AppliedMigration(m.name, checksum(m))
+            for m, r in self.rows.values()
+            if r is not None and r.status.value == "completed"
+        ]
+
+    async def record_start(self, migration: Migration) -> None:
+        self.rows[migration.id] = (migration, None)
+
+    async def record_finish(self, migration: Migration, result: MigrationResult) -> None:
+        self.rows[migration.id] = (migration, result)
+
+    @contextlib.asynccontextmanager
+    async def migration_lock(self) -> AsyncIterator[None]:
+        async with self._lock:
+            yield
+
+
+class PostgresHistory:
+    def __init__(self, dsn: str) -> None:
+        self.dsn = dsn
+
+    async def _run(self, sql: str, params: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
+        conn = await pgthread.connect(self.dsn, autocommit=True)
+        try:
+
+            def work() -> list[tuple[object, ...]]:
+                cur = conn.execute(sql.encode(), params)
+                return list(cur.fetchall()) if cur.description else []
+
+            return await pgthread.run_in_thread(conn, work)
+        finally:
+            await pgthread.close(conn)
+
+    async def ensure_schema(self) -> None:
+        await self._run(SCHEMA_SQL)
+
+    async def applied(self) -> list[AppliedMigration]:
+        rows = await self._run(
+            "SELECT name, checksum FROM lockstep.migrations WHERE status = 'completed' "
+            "ORDER BY finished_at, name"
+        )
+        return [AppliedMigration(str(name), str(cs)) for name, cs in rows]
+
+    async def record_start(self, migration: Migration) -> None:
+        await self._run(
+            "INSERT INTO lockstep.migrations (id, name, checksum, status) "
+            "VALUES (%s, %s, %s, 'running')",
+            (migration.id, migration.name, checksum(migration)),
+        )
+
+    async def record_finish(self, migration: Migration, result: MigrationResult) -> None:
+        phases = [
+            {"phase": p.phase.name, "started_at": p.started_at, "ended_at": p.ended_at}
+            for p in result.phases
+        ]
+        await self._run(
+            "UPDATE lockstep.migrations SET status = %s, finished_at = now(), phases = %s, "
+            "reason = %s, schema_restored = %s WHERE id = %s",
+            (
+                result.status.value,
+                json.dumps(phases),
+                result.reason,
+                result.schema_restored,
+                migration.id,
+            ),
+        )
+
+    @contextlib.asynccontextmanager
+    async def migration_lock(self) -> AsyncIterator[None]:
+        """Hold the database-wide advisory lock on a dedicated connection."""
+        conn = await pgthread.connect(self.dsn, autocommit=True)
+        try:
+            await pgthread.run_in_thread(
+                conn, lambda: conn.execute("SELECT pg_advisory_lock(%s)", (ADVISORY_LOCK_KEY,))
+            )
+            yield
+        finally:
+            # Closing the session releases the lock even if unlocking is never reached.
+            await pgthread.close(conn)
+
+
+__all__ = [
+    "ADVISORY_LOCK_KEY",
+    "AlreadyApplied",
+    "AppliedMigration",
+    "History",
+    "InMemoryHistory",
+    "PostgresHistory",
+    "checksum",
+]
