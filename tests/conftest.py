@@ -1,0 +1,51 @@
+"""Shared fixtures: a PostgreSQL server for the whole session and a fresh database per test.
+
+Set ``LOCKSTEP_TEST_DSN`` to run against an existing server (its role must be allowed to create
+and drop databases); otherwise one embedded server is started for the session and removed at the
+end. Every test that takes `dsn` gets its own empty database, so tests never see each other's
+tables and can run in any order.
+
+pytest-trio runs in trio mode; these fixtures are synchronous, which trio mode allows.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+from psycopg import sql
+from psycopg.conninfo import make_conninfo
+
+from coordinator.embedded import embedded_postgres_server
+
+TEST_DSN_ENV_VAR = "LOCKSTEP_TEST_DSN"
+
+
+@pytest.fixture(scope="session")
+def pg_server_dsn() -> Iterator[str]:
+    """DSN of the session's server (its default database: use `dsn` for a scratch one)."""
+    external = os.environ.get(TEST_DSN_ENV_VAR)
+    if external:
+        yield external
+        return
+    with embedded_postgres_server() as server_dsn:
+        yield server_dsn
+
+
+@pytest.fixture
+def dsn(pg_server_dsn: str) -> Iterator[str]:
+    """DSN of a new, empty database ``lockstep_test_<hex>``, dropped (WITH FORCE) afterwards."""
+    name = f"lockstep_test_{uuid.uuid4().hex}"
+    with psycopg.connect(pg_server_dsn, autocommit=True) as admin:
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    try:
+        yield make_conninfo(pg_server_dsn, dbname=name)
+    finally:
+        # FORCE ends sessions a failed test left open, which would otherwise block the drop.
+        with psycopg.connect(pg_server_dsn, autocommit=True) as admin:
+            admin.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+            )
