@@ -1,0 +1,71 @@
+"""Pure SQL analysis for lockstep: split, classify, lint, derive rollbacks, parse files, plan.
+
+Everything here works on text with PostgreSQL's own parser (pglast) and never touches a
+database, so the coordinator, the CLI and the tests can all ask the same questions cheaply:
+which statements must run outside a transaction, what would break old code, what undoes the
+expand step, and what exactly a migration would run in each phase.
+"""
+
+from statemachine.sql.classify import (
+    ExecutionGroup,
+    StatementInfo,
+    classify,
+    classify_node,
+    group_for_execution,
+    needs_autocommit,
+)
+from statemachine.sql.files import (
+    MigrationFileError,
+    MigrationSource,
+    migration_name_from_filename,
+    parse_migration_source,
+    parse_migration_text,
+    sort_migration_filenames,
+)
+from statemachine.sql.lint import VOLATILE_FUNCTIONS, Finding, lint_migration, lint_statements
+from statemachine.sql.plan import PhasePlan, Plan, RollbackPlan, build_plan
+from statemachine.sql.rollback import (
+    CannotDeriveRollback,
+    RollbackDerivation,
+    RollbackFailure,
+    derive_rollback,
+    try_derive_rollback,
+)
+from statemachine.sql.rules import RULES, Rule, Section, Severity
+from statemachine.sql.split import SqlSyntaxError, Statement, parse_statement, split_statements
+
+__all__ = [
+    "RULES",
+    "VOLATILE_FUNCTIONS",
+    "CannotDeriveRollback",
+    "ExecutionGroup",
+    "Finding",
+    "MigrationFileError",
+    "MigrationSource",
+    "PhasePlan",
+    "Plan",
+    "RollbackDerivation",
+    "RollbackFailure",
+    "RollbackPlan",
+    "Rule",
+    "Section",
+    "Severity",
+    "SqlSyntaxError",
+    "Statement",
+    "StatementInfo",
+    "build_plan",
+    "classify",
+    "classify_node",
+    "derive_rollback",
+    "group_for_execution",
+    "lint_migration",
+    "lint_statements",
+    "migration_name_from_filename",
+    "needs_autocommit",
+    "parse_migration_source",
+    "parse_migration_text",
+    "parse_statement",
+    "sort_migration_filenames",
+    "split_statements",
+    "try_derive_rollback",
+]

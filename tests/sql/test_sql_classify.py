@@ -1,0 +1,130 @@
+"""Which statements must run outside a transaction, and how scripts are grouped for execution."""
+
+from __future__ import annotations
+
+import pytest
+
+from statemachine.sql import ExecutionGroup, classify, group_for_execution, needs_autocommit
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "CREATE INDEX CONCURRENTLY i ON t (a)",
+        "CREATE UNIQUE INDEX CONCURRENTLY IF NOT EXISTS i ON s.t (a)",
+        "DROP INDEX CONCURRENTLY i",
+        "REINDEX INDEX CONCURRENTLY i",
+        "REINDEX (CONCURRENTLY) TABLE t",
+        "VACUUM",
+        "VACUUM FULL t",
+        "VACUUM (ANALYZE) t",
+        "ALTER TYPE mood ADD VALUE 'meh'",
+        "ALTER TYPE mood ADD VALUE IF NOT EXISTS 'meh' BEFORE 'sad'",
+        "CREATE DATABASE other",
+        "ALTER TABLE p DETACH PARTITION c CONCURRENTLY",
+    ],
+)
+def test_non_transactional(sql: str) -> None:
+    assert needs_autocommit(sql)
+    assert not classify(sql).transactional
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "CREATE INDEX i ON t (a)",
+        "DROP INDEX i",
+        "REINDEX TABLE t",
+        "REINDEX (CONCURRENTLY false) TABLE t",
+        "ANALYZE t",
+        "ALTER TYPE mood RENAME VALUE 'a' TO 'b'",
+        "ALTER TABLE t ADD COLUMN c int",
+        "CREATE TABLE t (id int)",
+        "UPDATE t SET a = 1",
+        "ALTER TABLE p DETACH PARTITION c",
+    ],
+)
+def test_transactional(sql: str) -> None:
+    assert not needs_autocommit(sql)
+
+
+@pytest.mark.parametrize(
+    ("sql", "kind", "target"),
+    [
+        ("ALTER TABLE s.users ADD COLUMN email text", "ALTER TABLE ADD COLUMN", "s.users"),
+        (
+            "ALTER TABLE t ADD COLUMN a int, ALTER COLUMN b SET DEFAULT 1",
+            "ALTER TABLE ADD COLUMN, ALTER COLUMN SET DEFAULT",
+            "t",
+        ),
+        ("ALTER TABLE t ALTER COLUMN a TYPE bigint", "ALTER TABLE ALTER COLUMN TYPE", "t"),
+        ("CREATE INDEX CONCURRENTLY i ON t (a)", "CREATE INDEX CONCURRENTLY", "t"),
+        ("CREATE UNIQUE INDEX i ON t (a)", "CREATE UNIQUE INDEX", "t"),
+        ("DROP TABLE s.old", "DROP TABLE", "s.old"),
+        ("DROP MATERIALIZED VIEW m", "DROP MATERIALIZED VIEW", "m"),
+        ("ALTER TABLE t RENAME COLUMN a TO b", "ALTER TABLE RENAME COLUMN", "t"),
+        ("ALTER TABLE t RENAME TO u", "ALTER TABLE RENAME", "t"),
+        ('CREATE TABLE "Odd"."Name" (id int)', "CREATE TABLE", "Odd.Name"),
+        ("CREATE SEQUENCE q", "CREATE SEQUENCE", "q"),
+        (
+            "CREATE OR REPLACE FUNCTION f() RETURNS int LANGUAGE sql AS 'select 1'",
+            "CREATE OR REPLACE FUNCTION",
+            "f",
+        ),
+        ("CREATE TYPE mood AS ENUM ('a')", "CREATE TYPE AS ENUM", "mood"),
+        ("VACUUM FULL t", "VACUUM FULL", None),
+        ("BEGIN", "BEGIN", None),
+        ("TRUNCATE t", "TRUNCATE", None),
+        ("CREATE MATERIALIZED VIEW m AS SELECT 1", "CREATE MATERIALIZED VIEW", "m"),
+    ],
+)
+def test_kind_and_target(sql: str, kind: str, target: str | None) -> None:
+    info = classify(sql)
+    assert info.kind == kind
+    assert info.target == target
+
+
+def test_alter_table_actions() -> None:
+    info = classify("ALTER TABLE t ADD COLUMN a int, DROP COLUMN b")
+    assert info.actions == ("ADD COLUMN", "DROP COLUMN")
+
+
+def test_classify_rejects_several_statements() -> None:
+    with pytest.raises(ValueError, match="exactly one"):
+        classify("SELECT 1; SELECT 2")
+
+
+def test_grouping_keeps_order_and_isolates_autocommit() -> None:
+    groups = group_for_execution(
+        [
+            "ALTER TABLE t ADD COLUMN a int",
+            "ALTER TABLE t ADD COLUMN b int",
+            "CREATE INDEX CONCURRENTLY t_a ON t (a)",
+            "CREATE INDEX CONCURRENTLY t_b ON t (b)",
+            "ALTER TABLE t ADD CONSTRAINT c CHECK (a > 0) NOT VALID",
+        ]
+    )
+    assert groups == [
+        ExecutionGroup(
+            True, ("ALTER TABLE t ADD COLUMN a int", "ALTER TABLE t ADD COLUMN b int"), (0, 1)
+        ),
+        ExecutionGroup(False, ("CREATE INDEX CONCURRENTLY t_a ON t (a)",), (2,)),
+        ExecutionGroup(False, ("CREATE INDEX CONCURRENTLY t_b ON t (b)",), (3,)),
+        ExecutionGroup(True, ("ALTER TABLE t ADD CONSTRAINT c CHECK (a > 0) NOT VALID",), (4,)),
+    ]
+    assert [g.autocommit for g in groups] == [False, True, True, False]
+
+
+def test_grouping_splits_multi_statement_strings() -> None:
+    groups = group_for_execution(
+        ["CREATE TABLE n (id int); CREATE INDEX CONCURRENTLY n_id ON n (id); SELECT 1"]
+    )
+    assert [(g.transactional, g.statements, g.sources) for g in groups] == [
+        (True, ("CREATE TABLE n (id int)",), (0,)),
+        (False, ("CREATE INDEX CONCURRENTLY n_id ON n (id)",), (0,)),
+        (True, ("SELECT 1",), (0,)),
+    ]
+
+
+def test_grouping_of_nothing() -> None:
+    assert group_for_execution([]) == []
