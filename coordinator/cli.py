@@ -13,13 +13,14 @@ from types import ModuleType
 
 from rich.markup import escape
 
-from coordinator.commands import CommandError, check_db, stderr_console
+from coordinator.commands import CommandError, check_db, status, stderr_console
 
 __all__ = ["COMMANDS", "build_parser", "main"]
 
 #: Subcommand modules, each with ``register(subparsers) -> None``.
 COMMANDS: list[ModuleType] = [
     check_db,
+    status,
 ]
 
 EXIT_OK = 0

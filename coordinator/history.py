@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime
 import hashlib
 import json
 from collections.abc import AsyncIterator
-from typing import Protocol
+from typing import Any, Protocol
 
 import trio
 
@@ -55,6 +56,16 @@ def checksum(migration: Migration) -> str:
 class AppliedMigration:
     name: str
     checksum: str
+
+
+@dataclasses.dataclass(frozen=True)
+class HistoryRow:
+    name: str
+    status: str
+    started_at: datetime.datetime
+    finished_at: datetime.datetime | None
+    reason: str | None
+    schema_restored: bool | None
 
 
 class AlreadyApplied(Exception):
@@ -101,11 +112,11 @@ class PostgresHistory:
     def __init__(self, dsn: str) -> None:
         self.dsn = dsn
 
-    async def _run(self, sql: str, params: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
+    async def _run(self, sql: str, params: tuple[object, ...] = ()) -> list[tuple[Any, ...]]:
         conn = await pgthread.connect(self.dsn, autocommit=True)
         try:
 
-            def work() -> list[tuple[object, ...]]:
+            def work() -> list[tuple[Any, ...]]:
                 cur = conn.execute(sql.encode(), params)
                 return list(cur.fetchall()) if cur.description else []
 
@@ -147,6 +158,31 @@ class PostgresHistory:
             ),
         )
 
+    async def mark_interrupted(self) -> list[str]:
+        """Mark rows left 'running' by a coordinator that died as 'interrupted'.
+
+        Only when nobody holds the migration lock: a live coordinator elsewhere holds it for
+        its whole run, so its row must not be touched. Returns the names marked.
+        """
+        rows = await self._run(
+            "WITH free AS (SELECT pg_try_advisory_xact_lock(%s) AS ok) "
+            "UPDATE lockstep.migrations SET status = 'interrupted', finished_at = now(), "
+            "reason = 'the coordinator stopped before the migration finished: check the "
+            "schema, its rollback did not run' "
+            "WHERE status = 'running' AND (SELECT ok FROM free) RETURNING name",
+            (ADVISORY_LOCK_KEY,),
+        )
+        return [str(name) for (name,) in rows]
+
+    async def rows(self, limit: int = 50) -> list[HistoryRow]:
+        """The most recent migrations, newest first."""
+        found = await self._run(
+            "SELECT name, status, started_at, finished_at, reason, schema_restored "
+            "FROM lockstep.migrations ORDER BY started_at DESC LIMIT %s",
+            (limit,),
+        )
+        return [HistoryRow(*row) for row in found]
+
     @contextlib.asynccontextmanager
     async def migration_lock(self) -> AsyncIterator[None]:
         """Hold the database-wide advisory lock on a dedicated connection."""
@@ -166,6 +202,7 @@ __all__ = [
     "AlreadyApplied",
     "AppliedMigration",
     "History",
+    "HistoryRow",
     "InMemoryHistory",
     "PostgresHistory",
     "checksum",

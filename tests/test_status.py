@@ -1,0 +1,67 @@
+"""`lockstep status` lists the history and marks runs a dead coordinator left behind."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import psycopg
+import trio
+
+from coordinator.history import ADVISORY_LOCK_KEY, PostgresHistory
+from statemachine import Migration
+
+
+def _status(dsn: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "coordinator.cli", "status", "--dsn", dsn],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_status_marks_a_dead_coordinators_run_interrupted(dsn: str) -> None:
+    history = PostgresHistory(dsn)
+
+    async def start_and_die() -> None:
+        await history.ensure_schema()
+        await history.record_start(Migration("crashed_mid_run", "SELECT 1"))
+
+    trio.run(start_and_die)
+    proc = _status(dsn)
+    assert proc.returncode == 0, proc.stderr
+    assert "marked interrupted: crashed_mid_run" in proc.stdout
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute("SELECT status, reason FROM lockstep.migrations").fetchone()
+    assert row is not None and row[0] == "interrupted" and "rollback did not run" in row[1]
+
+
+def test_status_leaves_a_live_coordinators_run_alone(dsn: str) -> None:
+    history = PostgresHistory(dsn)
+
+    async def start() -> None:
+        await history.ensure_schema()
+        await history.record_start(Migration("still_running", "SELECT 1"))
+
+    trio.run(start)
+    with psycopg.connect(dsn, autocommit=True) as holder:
+        holder.execute("SELECT pg_advisory_lock(%s)", (ADVISORY_LOCK_KEY,))
+        proc = _status(dsn)
+    assert proc.returncode == 0, proc.stderr
+    assert "marked interrupted" not in proc.stdout
+    assert "still_running" in proc.stdout and "running" in proc.stdout
+
+
+def test_status_without_a_database_is_a_clear_error(monkeypatch: object) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "coordinator.cli", "status"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={"PATH": "/usr/bin:/bin"},
+    )
+    assert proc.returncode == 1
+    assert "error: status needs a database" in proc.stderr
