@@ -13,12 +13,13 @@ from types import ModuleType
 
 from rich.markup import escape
 
-from coordinator.commands import CommandError, check_db, status, stderr_console
+from coordinator.commands import CommandError, check_db, demo, status, stderr_console
 
 __all__ = ["COMMANDS", "build_parser", "main"]
 
 #: Subcommand modules, each with ``register(subparsers) -> None``.
 COMMANDS: list[ModuleType] = [
+    demo,
     check_db,
     status,
 ]
