@@ -14,6 +14,8 @@ from typing import Any, TypeVar
 import psycopg
 import trio
 
+from statemachine.exceptions import unwrap_single_group
+
 T = TypeVar("T")
 
 
@@ -31,12 +33,14 @@ async def run_in_thread(conn: psycopg.Connection[Any], fn: Callable[[], T]) -> T
                     await trio.to_thread.run_sync(conn.cancel_safe)
             raise
 
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(cancel_on_cancellation)
-        try:
-            result.append(await trio.to_thread.run_sync(fn))
-        finally:
-            done.set()
+    # Unwrapped so callers can `except psycopg.Error`: the nursery would wrap fn's error.
+    with unwrap_single_group():
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(cancel_on_cancellation)
+            try:
+                result.append(await trio.to_thread.run_sync(fn))
+            finally:
+                done.set()
     return result[0]
 
 
