@@ -8,40 +8,46 @@ back with the resulting error: the statement really stops instead of running on 
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import psycopg
 import trio
 
-from statemachine.exceptions import unwrap_single_group
-
 T = TypeVar("T")
 
 
 async def run_in_thread(conn: psycopg.Connection[Any], fn: Callable[[], T]) -> T:
-    """Run `fn` (which uses `conn`) in a worker thread; cancellation cancels the statement."""
-    done = trio.Event()
-    result: list[T] = []
+    """Run `fn` (which uses `conn`) in a worker thread; cancellation cancels the statement.
 
-    async def cancel_on_cancellation() -> None:
+    No nursery is involved, so `fn`'s own error reaches the caller as itself (callers catch
+    `psycopg.Error`) and a cancellation is a plain `trio.Cancelled`, never a group of both.
+    On cancellation the thread is abandoned only after PostgreSQL was asked to stop the
+    statement and the thread came back, so `conn` is never closed under a running query.
+    """
+    finished = threading.Event()
+
+    def work() -> T:
         try:
-            await done.wait()
-        except trio.Cancelled:
-            with trio.CancelScope(shield=True):
-                if not done.is_set():
-                    await trio.to_thread.run_sync(conn.cancel_safe)
-            raise
+            return fn()
+        finally:
+            finished.set()
 
-    # Unwrapped so callers can `except psycopg.Error`: the nursery would wrap fn's error.
-    with unwrap_single_group():
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(cancel_on_cancellation)
-            try:
-                result.append(await trio.to_thread.run_sync(fn))
-            finally:
-                done.set()
-    return result[0]
+    try:
+        return await trio.to_thread.run_sync(work, abandon_on_cancel=True)
+    except trio.Cancelled:
+        with trio.CancelScope(shield=True):
+            if not finished.is_set():
+                with contextlib.suppress(psycopg.Error):
+                    await trio.to_thread.run_sync(conn.cancel_safe)
+                await trio.to_thread.run_sync(finished.wait, _CANCEL_GRACE)
+        raise
+
+
+#: How long a cancelled caller waits for the server to stop the statement.
+_CANCEL_GRACE = 30.0
 
 
 async def connect(dsn: str, *, autocommit: bool = False) -> psycopg.Connection[Any]:

@@ -110,10 +110,11 @@ MAX_FRAME_BYTES: Final = 64 * 1024
 def _decode(
     decoder: msgspec.json.Decoder[object], frame: str | bytes, types: tuple[str, ...]
 ) -> object:
-    if len(frame) > MAX_FRAME_BYTES:
-        raise ProtocolError(
-            "frame_too_large", f"frame of {len(frame)} bytes exceeds {MAX_FRAME_BYTES}"
-        )
+    size = len(frame)
+    if isinstance(frame, str) and size * 4 > MAX_FRAME_BYTES:
+        size = len(frame.encode())  # a character is up to 4 bytes in UTF-8
+    if size > MAX_FRAME_BYTES:
+        raise ProtocolError("frame_too_large", f"frame of {size} bytes exceeds {MAX_FRAME_BYTES}")
     try:
         return decoder.decode(frame)
     except msgspec.ValidationError as exc:
