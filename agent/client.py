@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
+import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import trio
@@ -43,10 +45,12 @@ log = logging.getLogger("lockstep.agent")
 class MigrationInfo:
     """What a hook is told about the migration that reached it."""
 
-    migration_id: str
+    migration_id: str  # "" when `resynced` (the Welcome names migrations, not ids)
     name: str
     phase: Phase
     ack_timeout: float
+    #: True when the hook runs because a reconnect found the fleet had moved on without us.
+    resynced: bool = False
 
 
 HookFn = Callable[[MigrationInfo], Awaitable[object]]
@@ -92,6 +96,8 @@ class Agent:
         self.errors: list[Error] = []
         self.connected = False
         self.disconnected = trio.Event()
+        #: Completed handshakes; more than one means the agent reconnected.
+        self.sessions = 0
 
     # ------------------------------------------------------------ for the app
     def is_applied(self, name: str) -> bool:
@@ -116,7 +122,7 @@ class Agent:
         return list(self.machine.seen)
 
     # ------------------------------------------------------------ the protocol
-    async def handshake(self, ws: WebSocketConnection, token: str | None = None) -> None:
+    async def handshake(self, ws: WebSocketConnection, token: str | None = None) -> Welcome:
         await ws.send_message(
             encode(Hello(protocol=PROTOCOL_VERSION, agent_id=self.agent_id, token=token))
         )
@@ -129,8 +135,30 @@ class Agent:
             raise HandshakeRejected(msg.code, msg.message)
         if not isinstance(msg, Welcome):
             raise HandshakeRejected("protocol", f"expected welcome, got {msg!r}")
-        self.machine.applied.update(msg.applied)
+        if self.sessions == 0:
+            self.machine.applied.update(msg.applied)
+        else:
+            await self._resync(msg.applied)
+        self.sessions += 1
         self.connected = True
+        self.disconnected = trio.Event()
+        return msg
+
+    async def _resync(self, applied: list[str]) -> None:
+        """After a reconnect, switch or revert to match what the coordinator says is applied."""
+        added, removed = self.machine.resync(applied)
+        for name, phase, hook in [
+            *((n, Phase.ROLLBACK, Hook.ON_ROLLBACK) for n in sorted(removed)),
+            *((n, Phase.APPLY, Hook.ON_APPLY) for n in sorted(added)),
+        ]:
+            log.warning("agent %s: resync after reconnect: %s %s", self.agent_id, phase.name, name)
+            fn = self.hooks[hook]
+            if fn is None:
+                continue
+            try:
+                await fn(MigrationInfo("", name, phase, 0.0, resynced=True))
+            except Exception:
+                log.exception("agent %s: %s hook failed during resync", self.agent_id, hook.value)
 
     async def serve(
         self,
@@ -202,6 +230,78 @@ class Agent:
             await ws.send_message(encode(reply))
 
 
+#: Rejections that retrying cannot fix: stop reconnecting and say why in the log.
+_FINAL_REJECTIONS = frozenset({"unauthorized", "version_mismatch", "invalid_message"})
+
+
+def _backoff(attempt: int, cap: float) -> float:
+    """Exponential backoff with jitter, so a restarted coordinator is not stampeded."""
+    return float(min(cap, 0.1 * 2**attempt) * random.uniform(0.5, 1.0))
+
+
+async def _connect_once(
+    agent: Agent, url: str, token: str | None, connect_timeout: float, on_joined: Callable[[], None]
+) -> None:
+    """One connection: open, handshake, call `on_joined`, serve until it closes."""
+    try:
+        with unwrap_single_group():
+            async with open_websocket_url(url, connect_timeout=connect_timeout) as ws:
+                try:
+                    with trio.fail_after(connect_timeout):
+                        await agent.handshake(ws, token)
+                except trio.TooSlowError:
+                    raise HandshakeRejected("timeout", "no welcome from the coordinator") from None
+                on_joined()
+                await agent.run(ws)
+    except (OSError, HandshakeError, trio.TooSlowError) as exc:
+        raise CoordinatorUnreachable(f"cannot reach the coordinator at {url}: {exc!r}") from exc
+    except ConnectionClosed as exc:
+        raise CoordinatorUnreachable(f"connection to {url} closed: {exc.reason}") from exc
+
+
+async def keep_connected(
+    agent: Agent,
+    url: str,
+    *,
+    token: str | None = None,
+    connect_timeout: float = 10.0,
+    reconnect: bool = True,
+    max_backoff: float = 5.0,
+    task_status: trio.TaskStatus[Agent] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve `agent` on `url`; after the first handshake, reconnect whenever the link drops.
+
+    The first connection's failure is raised (`CoordinatorUnreachable`, `HandshakeRejected`):
+    an app should not start believing it is coordinated. Later failures are logged and
+    retried with backoff, except final rejections (bad token, protocol version), after which
+    the agent stays disconnected and keeps its last known schema.
+    """
+    started = False
+    attempt = 0
+
+    def joined() -> None:
+        nonlocal started, attempt
+        attempt = 0
+        if not started:
+            started = True
+            task_status.started(agent)
+
+    while True:
+        try:
+            await _connect_once(agent, url, token, connect_timeout, joined)
+        except (CoordinatorUnreachable, HandshakeRejected) as exc:
+            if not started:
+                raise
+            final = isinstance(exc, HandshakeRejected) and exc.code in _FINAL_REJECTIONS
+            log.warning("agent %s: %s%s", agent.agent_id, exc, "" if not final else "; giving up")
+            if final:
+                return
+        if not reconnect:
+            return
+        attempt += 1
+        await trio.sleep(_backoff(attempt, max_backoff))
+
+
 @contextlib.asynccontextmanager
 async def open_agent(
     url: str,
@@ -213,11 +313,15 @@ async def open_agent(
     on_rollback: HookFn | None = None,
     token: str | None = None,
     connect_timeout: float = 10.0,
+    reconnect: bool = True,
 ) -> AsyncIterator[Agent]:
     """Connect to the coordinator at `url` as `agent_id` and answer its phases in the background.
 
     Raises `CoordinatorUnreachable` or `HandshakeRejected` if it cannot join. Hooks are async
-    callables taking a `MigrationInfo`: returning acks the phase, raising NACKs it.
+    callables taking a `MigrationInfo`: returning acks the phase, raising NACKs it. If the
+    connection drops later, the agent reconnects with backoff (unless `reconnect=False`) and,
+    on rejoining, runs `on_rollback`/`on_apply` for migrations that were rolled back or
+    completed while it was away (`info.resynced` is True then).
     """
     agent = Agent(
         agent_id,
@@ -226,21 +330,17 @@ async def open_agent(
         on_confirm=on_confirm,
         on_rollback=on_rollback,
     )
-    joined = False
-    try:
-        with unwrap_single_group():
-            async with open_websocket_url(url, connect_timeout=connect_timeout) as ws:
-                joined = True
-                try:
-                    with trio.fail_after(connect_timeout):
-                        await agent.handshake(ws, token)
-                except trio.TooSlowError:
-                    raise HandshakeRejected("timeout", "no welcome from the coordinator") from None
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(agent.run, ws)
-                    yield agent
-                    nursery.cancel_scope.cancel()
-    except (OSError, HandshakeError, trio.TooSlowError) as exc:
-        if joined:
-            raise
-        raise CoordinatorUnreachable(f"cannot reach the coordinator at {url}: {exc!r}") from exc
+    with unwrap_single_group():
+        async with trio.open_nursery() as nursery:
+            await nursery.start(
+                functools.partial(
+                    keep_connected,
+                    agent,
+                    url,
+                    token=token,
+                    connect_timeout=connect_timeout,
+                    reconnect=reconnect,
+                )
+            )
+            yield agent
+            nursery.cancel_scope.cancel()

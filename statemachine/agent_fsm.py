@@ -143,6 +143,22 @@ class AgentMachine:
             return Step(hook=None, ack=ack_required, problem=problem)
         return Step(hook=_HOOK_FOR_PHASE[phase], ack=ack_required, problem=problem)
 
+    def resync(self, applied: Iterable[str]) -> tuple[set[str], set[str]]:
+        """Adopt the coordinator's applied list after a reconnect.
+
+        While we were away the coordinator may have completed a migration (we must switch) or
+        rolled one back because we vanished mid-phase (we must revert). Any in-flight migration
+        is forgotten: if it is still running we are not in its cohort until its next phase.
+        Returns (newly applied, no longer applied).
+        """
+        wanted = set(applied)
+        added, removed = wanted - self.applied, self.applied - wanted
+        self.applied = wanted
+        self.migration_id = self.migration_name = None
+        self.phase = None
+        self.machine.set_state(A.IDLE)
+        return added, removed
+
     def hook_succeeded(self, phase: Phase) -> None:
         trigger = _TRIGGER_AFTER_HOOK.get(phase)
         if trigger is not None:
