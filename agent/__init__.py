@@ -1,4 +1,5 @@
-"""The lockstep agent: embed it in each application instance (trio)."""
+"""The lockstep agent: embed it in each application instance (trio, or threaded apps via
+`ThreadedAgent`)."""
 
 from agent.client import (
     Agent,
@@ -8,6 +9,7 @@ from agent.client import (
     MigrationInfo,
     open_agent,
 )
+from agent.threaded import ThreadedAgent
 
 __all__ = [
     "Agent",
@@ -15,5 +17,6 @@ __all__ = [
     "CoordinatorUnreachable",
     "HandshakeRejected",
     "MigrationInfo",
+    "ThreadedAgent",
     "open_agent",
 ]
