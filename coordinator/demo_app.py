@@ -21,7 +21,6 @@ import psycopg
 import trio
 
 from coordinator import pgthread
-from statemachine.exceptions import unwrap_single_group
 
 __all__ = [
     "MIGRATION_NAME",
@@ -160,9 +159,7 @@ async def _query(
         return len(cursor.fetchall()) if cursor.description else cursor.rowcount
 
     try:
-        # psycopg errors may arrive as a one-error ExceptionGroup from a trio nursery.
-        with unwrap_single_group():
-            await pgthread.run_in_thread(conn, execute)
+        await pgthread.run_in_thread(conn, execute)
     except psycopg.Error as exc:
         stats.record_error(_error_text(exc))
         return
