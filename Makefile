@@ -64,7 +64,7 @@ format: $(STAMP)
 
 # Placeholder: benchmarks/traffic.py is still to be written.
 bench-traffic: $(STAMP)
-	$(BIN)/python -m benchmarks.traffic $(ARGS)
+	$(BIN)/python -m coordinator.bench.traffic $(ARGS)
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis
