@@ -13,7 +13,16 @@ from types import ModuleType
 
 from rich.markup import escape
 
-from coordinator.commands import CommandError, check_db, demo, status, stderr_console
+from coordinator.commands import (
+    CommandError,
+    apply,
+    check_db,
+    demo,
+    lint,
+    plan,
+    status,
+    stderr_console,
+)
 
 __all__ = ["COMMANDS", "build_parser", "main"]
 
@@ -22,6 +31,9 @@ COMMANDS: list[ModuleType] = [
     demo,
     check_db,
     status,
+    plan,
+    lint,
+    apply,
 ]
 
 EXIT_OK = 0

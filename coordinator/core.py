@@ -17,10 +17,16 @@ from trio_websocket import WebSocketConnection, WebSocketRequest, serve_websocke
 
 from coordinator.connection import serve_connection
 from coordinator.events import EventBus, MigrationFinished, Subscriber
-from coordinator.executor import Executor, PostgresExecutor
+from coordinator.executor import (
+    DEFAULT_STATEMENT_TIMEOUT,
+    Executor,
+    PostgresExecutor,
+    RetryPolicy,
+)
 from coordinator.fleet import Fleet
 from coordinator.history import AlreadyApplied, History, InMemoryHistory, PostgresHistory, checksum
-from coordinator.runner import MigrationRun
+from coordinator.runner import MigrationRejected as MigrationRejected  # re-exported
+from coordinator.runner import MigrationRun, check_lint, resolve_rollback
 from statemachine.exceptions import unwrap_single_group
 from statemachine.ledger import AckOutcome
 from statemachine.migration import Migration
@@ -80,12 +86,25 @@ class Coordinator:
     async def load_history(self) -> None:
         self._applied = [a.name for a in await self.history.applied()]
 
-    async def run_migration(self, migration: Migration) -> MigrationResult:
+    async def run_migration(self, migration: Migration, *, force: bool = False) -> MigrationResult:
         """Run `migration` through every phase; waits its turn if another one is running.
 
+        Lint runs first: errors raise `MigrationRejected` (nothing runs, nothing is recorded)
+        unless `force`; warnings go to the result's warnings. Without `rollback_sql`, one is
+        derived when every statement has a safe inverse; otherwise a failure after EXECUTE
+        leaves the schema expanded and the result's warnings say why.
+
         Returns the result whether it completed or rolled back; raises only for misuse
-        (`AlreadyApplied` when the name already completed on this database).
+        (`MigrationRejected`, `AlreadyApplied` when the name already completed here).
         """
+        lint_warnings = check_lint(migration, force=force)
+        for warning in lint_warnings:
+            log.warning("%s: %s", migration.name, warning)
+        rollback = resolve_rollback(migration)
+        if rollback.source == "derived":
+            log.info(
+                "%s: derived rollback_sql: %s", migration.name, "; ".join(rollback.statements or ())
+            )
         async with self._queue, self.history.migration_lock():
             await self.load_history()
             applied = {a.name: a.checksum for a in await self.history.applied()}
@@ -101,7 +120,9 @@ class Coordinator:
                 executor=self.executor,
                 events=self.events,
                 ack_timeout=self.ack_timeout,
-                rollback_sql=migration.rollback_sql,
+                rollback_sql=rollback.statements,
+                rollback_note=rollback.note,
+                warnings=lint_warnings,
             )
             await self.history.record_start(migration)
             self._active = run
@@ -116,14 +137,19 @@ class Coordinator:
             self.events.emit(MigrationFinished(migration.name, result.status, result.reason))
             return result
 
-    async def run_migrations(self, migrations: Sequence[Migration]) -> list[MigrationResult]:
-        """Run migrations in order, skipping names already completed, stopping at a failure."""
+    async def run_migrations(
+        self, migrations: Sequence[Migration], *, force: bool = False
+    ) -> list[MigrationResult]:
+        """Run migrations in order, skipping names already completed, stopping at a failure.
+
+        Each one passes the lint gate when its turn comes (`MigrationRejected` stops the run).
+        """
         results = []
         for migration in migrations:
             await self.load_history()
             if migration.name in self._applied:
                 continue
-            result = await self.run_migration(migration)
+            result = await self.run_migration(migration, force=force)
             results.append(result)
             if result.status.value != "completed":
                 break
@@ -198,6 +224,8 @@ async def open_coordinator(
     port: int = 0,
     ack_timeout: float = 30.0,
     lock_timeout: float = 0.5,
+    statement_timeout: float | None = DEFAULT_STATEMENT_TIMEOUT,
+    lock_retry: RetryPolicy | None = None,
     heartbeat_interval: float = 5.0,
     token: str | None = None,
     executor: Executor | None = None,
@@ -205,11 +233,21 @@ async def open_coordinator(
     """Start a coordinator for the database at `dsn`, serving agents on `host:port`.
 
     Port 0 picks a free port; the URL agents connect to is `coordinator.url`.
+    `lock_timeout` (seconds) bounds each wait for a lock, `statement_timeout` each statement in
+    a phase transaction, and `lock_retry` how long lock timeouts are retried (see
+    `coordinator.executor`); they configure the default `PostgresExecutor` and are ignored when
+    you pass your own `executor`.
     """
     history = PostgresHistory(dsn)
     await history.ensure_schema()
     coordinator = Coordinator(
-        executor=executor or PostgresExecutor(dsn, lock_timeout=lock_timeout),
+        executor=executor
+        or PostgresExecutor(
+            dsn,
+            lock_timeout=lock_timeout,
+            statement_timeout=statement_timeout,
+            retry=lock_retry,
+        ),
         history=history,
         ack_timeout=ack_timeout,
         heartbeat_interval=heartbeat_interval,

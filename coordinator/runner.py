@@ -5,10 +5,14 @@ The runner is the only code that awaits during a migration. It asks the pure
 wait for the ledger to settle (a trio cancel scope is the deadline; acks wake it through an
 event, nothing polls), or run the phase's SQL through the `Executor`. Answers from agents
 arrive through `on_ack`/`on_nack`/`on_join`/`on_leave`, called by the connection handlers.
+
+Before a run starts, `check_lint` (the lint gate) and `resolve_rollback` decide whether the
+migration may run at all and what ROLLBACK would execute; they are pure and run before ANNOUNCE.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import time
@@ -16,18 +20,89 @@ from collections.abc import Sequence
 
 import trio
 
+from coordinator.backfill import BackfillFailed
 from coordinator.events import AnswerReceived, EventBus, PhaseStarted, SqlProgress
-from coordinator.executor import Executor, SqlFailure
+from coordinator.executor import Executor, Reporter, ReportingExecutor, SqlFailure
 from coordinator.fleet import Fleet
 from statemachine.ledger import AckOutcome
 from statemachine.migration import Migration
 from statemachine.migration_fsm import MigrationMachine
 from statemachine.phases import MigrationState, MigrationStatus, Phase
 from statemachine.protocol import PhaseNotice, encode
-from statemachine.result import MigrationResult, PhaseRecord, SqlAttempt
+from statemachine.result import BackfillStats, MigrationResult, PhaseRecord, SqlAttempt
+from statemachine.sql import Finding, lint_migration, try_derive_rollback
+from statemachine.sql.plan import RollbackSource
 
 log = logging.getLogger("lockstep.coordinator")
 S = MigrationState
+
+
+class MigrationRejected(Exception):
+    """The lint gate refused a migration before ANNOUNCE: nothing ran, nothing was recorded.
+
+    `findings` holds every error (and warning) lint reported; run it anyway with
+    ``run_migration(migration, force=True)`` once you know why the rule does not apply.
+    """
+
+    def __init__(self, migration: str, findings: Sequence[Finding]) -> None:
+        self.migration = migration
+        self.findings = tuple(findings)
+        errors = [f for f in self.findings if f.severity == "error"]
+        lines = [
+            f"migration {migration!r} rejected by lint: {len(errors)} error(s) "
+            "(run_migration(..., force=True) runs it anyway)"
+        ]
+        for finding in errors:
+            lines.append(f"  {finding}")
+            lines.append(f"    statement: {' '.join(finding.statement.split())}")
+            lines.append(f"    fix: {finding.recipe}")
+        super().__init__("\n".join(lines))
+
+
+def check_lint(migration: Migration, *, force: bool = False) -> list[str]:
+    """The lint gate: raise `MigrationRejected` on errors unless `force`; return warnings.
+
+    With `force`, errors are returned as warnings too ("forced past ..."), so the result still
+    says what was overridden.
+    """
+    findings = lint_migration(migration)
+    errors = [f for f in findings if f.severity == "error"]
+    if errors and not force:
+        raise MigrationRejected(migration.name, findings)
+    warnings = []
+    for finding in findings:
+        prefix = "lint (forced past error)" if finding.severity == "error" else "lint"
+        warnings.append(f"{prefix}: {finding}")
+    return warnings
+
+
+@dataclasses.dataclass(frozen=True)
+class RollbackChoice:
+    """What ROLLBACK would run: given, derived from `sql`, or nothing (schema left expanded)."""
+
+    source: RollbackSource
+    statements: tuple[str, ...] | None
+    reasons: tuple[str, ...] = ()
+
+    @property
+    def note(self) -> str | None:
+        """The result warning when ROLLBACK has nothing to run."""
+        if self.statements is not None:
+            return None
+        return (
+            "no rollback_sql was given and none could be derived, so the schema was left "
+            "expanded: " + "; ".join(self.reasons)
+        )
+
+
+def resolve_rollback(migration: Migration) -> RollbackChoice:
+    """Given `rollback_sql` wins; else derive it (`statemachine.sql`); else say why not."""
+    if migration.rollback_sql is not None:
+        return RollbackChoice("given", migration.rollback_sql)
+    derivation = try_derive_rollback(migration.sql)
+    if derivation.statements is not None:
+        return RollbackChoice("derived", derivation.statements)
+    return RollbackChoice("none", None, derivation.reasons)
 
 
 class MigrationRun:
@@ -41,6 +116,7 @@ class MigrationRun:
         ack_timeout: float,
         rollback_sql: Sequence[str] | None,
         rollback_note: str | None = None,
+        warnings: Sequence[str] = (),
     ) -> None:
         self.migration = migration
         self.fleet = fleet
@@ -55,6 +131,10 @@ class MigrationRun:
             connected=fleet.agent_ids,
         )
         self.attempts: list[SqlAttempt] = []
+        self.backfills: list[BackfillStats] = []
+        #: Warnings known before the run (lint) or found outside the FSM (partial CONTRACT).
+        self.warnings: list[str] = list(warnings)
+        self.report = Reporter(migration.name, events.emit)
         self._changed = trio.Event()
 
     # ------------------------------------------------ inputs from connections
@@ -150,25 +230,47 @@ class MigrationRun:
         if m.state is state:
             m.deadline_passed(self.ack_timeout)
 
+    async def _execute(self, phase: Phase, statements: Sequence[str]) -> list[SqlAttempt]:
+        """Run a phase's SQL, with progress events when the executor can report them."""
+        if isinstance(self.executor, ReportingExecutor):
+            return await self.executor.run_phase_reporting(phase, statements, self.report)
+        return await self.executor.run_phase(phase, statements)
+
     async def _run_sql(self, phase: Phase, statements: Sequence[str], expand: bool = False) -> None:
         m = self.machine
         try:
-            self.attempts += await self.executor.run_phase(phase, statements)
+            self.attempts += await self._execute(phase, statements)
             if expand:
                 m.expand_committed()
-                for backfill in self.migration.backfills:
-                    self.events.emit(
-                        SqlProgress(self.migration.name, phase, f"backfill {backfill.table}")
-                    )
-                    run_backfill = getattr(self.executor, "run_backfill", None)
-                    if run_backfill is None:
-                        raise SqlFailure(None, "this executor cannot run backfills")
-                    await run_backfill(self.migration, backfill, self.events)
+                await self._run_backfills()
         except SqlFailure as exc:
             self.attempts += exc.attempts
+            if exc.committed_groups:
+                # Autocommit statements make a phase non-atomic: what committed stays.
+                if phase is Phase.EXECUTE:
+                    m.expand_committed()  # so ROLLBACK runs rollback_sql (IF EXISTS-safe)
+                else:
+                    self.warnings.append(
+                        f"{phase.name} failed after {exc.committed_groups} of its execution "
+                        "group(s) committed; rollback_sql cannot restore what they changed"
+                    )
             m.sql_error(exc.statement, exc.message)
             return
         m.sql_succeeded()
+
+    async def _run_backfills(self) -> None:
+        """Between EXECUTE's commit and APPLY: each backfill in short batches, in order."""
+        if not self.migration.backfills:
+            return
+        if not isinstance(self.executor, ReportingExecutor):
+            raise SqlFailure(None, "this executor cannot run backfills")
+        for backfill in self.migration.backfills:
+            try:
+                stats = await self.executor.run_backfill(backfill, self.report)
+            except BackfillFailed as exc:
+                self.backfills.append(exc.stats)
+                raise
+            self.backfills.append(stats)
 
     async def _restore_schema(self) -> None:
         m = self.machine
@@ -181,7 +283,7 @@ class MigrationRun:
             return
         self.events.emit(SqlProgress(self.migration.name, Phase.ROLLBACK, "running rollback_sql"))
         try:
-            self.attempts += await self.executor.run_phase(Phase.ROLLBACK, self.rollback_sql)
+            self.attempts += await self._execute(Phase.ROLLBACK, self.rollback_sql)
         except SqlFailure as exc:
             self.attempts += exc.attempts
             m.finish_rollback(
@@ -215,6 +317,7 @@ class MigrationRun:
             phases=tuple(phases),
             failure=m.failure,
             schema_restored=m.schema_restored if m.state is S.FAILED else None,
-            warnings=tuple(m.warnings),
+            warnings=(*self.warnings, *m.warnings),
             sql_attempts=tuple(self.attempts),
+            backfills=tuple(self.backfills),
         )

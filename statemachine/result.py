@@ -23,13 +23,39 @@ class PhaseRecord:
 
 @dataclasses.dataclass(frozen=True)
 class SqlAttempt:
-    """One try at running a phase's SQL; lock timeouts make more than one."""
+    """One try at running one execution group of a phase; lock timeouts make more than one.
+
+    A phase's statements run as ordered groups (see `statemachine.sql.group_for_execution`):
+    runs of transactional statements share one transaction, and each statement that cannot run
+    in a transaction (``CREATE INDEX CONCURRENTLY``...) is a group of its own on an autocommit
+    connection. `group` is the group's 0-based position in its phase and `transactional` says
+    which kind it was, so a result shows what ran inside a transaction and what ran outside.
+    `error` is ``"lock_timeout"`` for a lock that was not granted within `lock_timeout` (what
+    `MigrationResult.lock_retries` counts), else PostgreSQL's message; `detail` says more (for a
+    lock timeout: the blocking sessions seen while waiting).
+    """
 
     phase: Phase
     attempt: int
     ok: bool
     seconds: float
     error: str | None = None
+    group: int = 0
+    transactional: bool = True
+    statements: tuple[str, ...] = ()
+    detail: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class BackfillStats:
+    """What one backfill did: rows updated in how many batches, and whether it finished."""
+
+    table: str
+    rows: int
+    batches: int
+    seconds: float
+    lock_retries: int = 0
+    complete: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +69,8 @@ class MigrationResult:
     schema_restored: bool | None = None
     warnings: tuple[str, ...] = ()
     sql_attempts: tuple[SqlAttempt, ...] = ()
+    #: One entry per backfill that ran (in order), including a failed one's partial counts.
+    backfills: tuple[BackfillStats, ...] = ()
 
     @property
     def reason(self) -> str | None:
@@ -55,4 +83,6 @@ class MigrationResult:
 
     @property
     def lock_retries(self) -> int:
-        return sum(1 for a in self.sql_attempts if not a.ok and a.error == "lock_timeout")
+        """Attempts that failed on lock_timeout, in phases and in backfill batches."""
+        in_phases = sum(1 for a in self.sql_attempts if not a.ok and a.error == "lock_timeout")
+        return in_phases + sum(b.lock_retries for b in self.backfills)
