@@ -14,6 +14,9 @@ coordinator restarts, the backfill starts again from the lowest key. Give it a W
 excludes done rows (``where="full_name IS NULL"``) and a restarted backfill only rewrites the
 rows still to do: it resumes naturally, paying only an index scan over the done ones.
 
+`key` must be unique and NOT NULL (a primary key is ideal, and an index on it keeps each batch
+cheap): rows sharing a key value across a batch boundary, or with a NULL key, would be skipped.
+
 Rows inserted while the backfill runs with a key below the current position are not visited:
 the expand step must keep new rows correct itself (a sync trigger or a default), as the
 rename recipe does.
