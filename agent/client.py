@@ -22,6 +22,7 @@ from trio_websocket import (
     open_websocket_url,
 )
 
+from agent.inflight import InFlight
 from statemachine.agent_fsm import AgentMachine, AgentState, Hook
 from statemachine.exceptions import unwrap_single_group
 from statemachine.phases import Phase
@@ -96,6 +97,7 @@ class Agent:
         self.errors: list[Error] = []
         self.connected = False
         self.disconnected = trio.Event()
+        self.inflight = InFlight()
         #: Completed handshakes; more than one means the agent reconnected.
         self.sessions = 0
 
@@ -103,6 +105,17 @@ class Agent:
     def is_applied(self, name: str) -> bool:
         """True once this instance switched to the schema of migration `name`."""
         return self.machine.is_applied(name)
+
+    def using(self, name: str) -> contextlib.AbstractContextManager[bool]:
+        """Wrap one unit of work (a request, a job) that picks its queries by migration `name`.
+
+        ``with agent.using("add_email") as new: ...`` yields whether to use the new query set,
+        and holds that choice until the block ends: the agent acks APPLY only when no block
+        that chose the old set is still running (and ROLLBACK only when no block on the new
+        set is), so CONTRACT or rollback SQL never runs under work that still needs the old
+        (or new) schema. Safe to use from any thread.
+        """
+        return self.inflight.using(name, self.machine.is_applied)
 
     @property
     def applied(self) -> frozenset[str]:
@@ -219,6 +232,7 @@ class Agent:
                 log.warning("agent %s: %s hook failed: %s", self.agent_id, step.hook.value, error)
             else:
                 self.machine.hook_succeeded(notice.phase)
+                error = await self._drain_previous_version(notice)
         if not step.ack:
             return
         reply: Ack | Nack
@@ -228,6 +242,21 @@ class Agent:
             reply = Nack(migration_id=notice.migration_id, phase=notice.phase, error=error[:4000])
         with contextlib.suppress(ConnectionClosed):
             await ws.send_message(encode(reply))
+
+    async def _drain_previous_version(self, notice: PhaseNotice) -> str | None:
+        """After switching (APPLY) or reverting (ROLLBACK), wait for work still using the other
+        query set; past the ack timeout, NACK rather than let the schema move under it."""
+        if notice.phase not in (Phase.APPLY, Phase.ROLLBACK):
+            return None
+        previous = notice.phase is Phase.ROLLBACK  # work on the version we just left
+        with trio.move_on_after(notice.ack_timeout):
+            await self.inflight.drained(notice.migration, previous)
+            return None
+        left = self.inflight.count(notice.migration, previous)
+        return (
+            f"{left} unit(s) of work on the {'new' if previous else 'old'} query set of "
+            f"{notice.migration!r} still running after {notice.ack_timeout:g} s"
+        )
 
 
 #: Rejections that retrying cannot fix: stop reconnecting and say why in the log.

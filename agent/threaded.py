@@ -70,6 +70,13 @@ class ThreadedAgent:
         agent = self._agent
         return agent is not None and agent.is_applied(name)
 
+    def using(self, name: str) -> contextlib.AbstractContextManager[bool]:
+        """`Agent.using` for threaded apps: wrap each request that picks queries by `name`."""
+        agent = self._agent
+        if agent is None:
+            raise RuntimeError("start() the ThreadedAgent before using it")
+        return agent.using(name)
+
     @property
     def connected(self) -> bool:
         return self._agent is not None and self._agent.connected

@@ -169,8 +169,9 @@ class MigrationRun:
     async def run(self) -> MigrationResult:
         try:
             await self._drive()
-        except trio.Cancelled:
-            # The host cancelled us mid-migration: put things back before going away.
+        except* trio.Cancelled:
+            # The host cancelled us mid-migration: put things back before going away. (except*
+            # because an executor's nursery may deliver the cancellation inside a group.)
             with trio.CancelScope(shield=True), trio.move_on_after(self.ack_timeout + 60):
                 if self.machine.cancelled("the migration was cancelled by its host"):
                     await self._drive()

@@ -1,0 +1,62 @@
+"""Which schema version the app's in-flight work uses, so a switch waits for old work to end.
+
+`agent.is_applied(name)` alone leaves a gap: a request reads False, is descheduled, the fleet
+acks APPLY, CONTRACT drops the old column, and the request then sends its old query. Wrapping
+each unit of work in `agent.using(name)` closes it: the agent acks APPLY only once no work that
+chose the old query set is still running, and acks ROLLBACK only once no work on the new set is
+(F1's schema leases, per request). The counts are guarded by a thread lock because threaded
+apps enter `using` from their own threads.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import threading
+from collections.abc import Callable, Iterator
+
+import trio
+
+Version = tuple[str, bool]  # (migration name, applied?)
+
+
+class InFlight:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts: collections.Counter[Version] = collections.Counter()
+        self._waiters: dict[Version, list[tuple[trio.lowlevel.TrioToken, trio.Event]]] = {}
+
+    def count(self, name: str, applied: bool) -> int:
+        with self._lock:
+            return self._counts[(name, applied)]
+
+    @contextlib.contextmanager
+    def using(self, name: str, is_applied: Callable[[str], bool]) -> Iterator[bool]:
+        """Count the caller as in flight on the version it sees; yields whether it is new."""
+        with self._lock:
+            # Read and count atomically: a switch cannot slip between the two.
+            version = (name, is_applied(name))
+            self._counts[version] += 1
+        try:
+            yield version[1]
+        finally:
+            with self._lock:
+                self._counts[version] -= 1
+                waiters = []
+                if self._counts[version] <= 0:
+                    del self._counts[version]
+                    waiters = self._waiters.pop(version, [])
+            for token, event in waiters:
+                token.run_sync_soon(event.set)  # thread-safe wake-up of the agent's loop
+
+    async def drained(self, name: str, applied: bool) -> None:
+        """Return once no work on (`name`, `applied`) is in flight. Call after the switch."""
+        version = (name, applied)
+        with self._lock:
+            if not self._counts[version]:
+                return
+            event = trio.Event()
+            self._waiters.setdefault(version, []).append(
+                (trio.lowlevel.current_trio_token(), event)
+            )
+        await event.wait()
