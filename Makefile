@@ -62,7 +62,6 @@ format: $(STAMP)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-# Placeholder: benchmarks/traffic.py is still to be written.
 bench-traffic: $(STAMP)
 	$(BIN)/python -m coordinator.bench.traffic $(ARGS)
 

@@ -21,7 +21,10 @@ class Backfill:
     Example: copy `name` into a new column `full_name` while old code keeps writing `name`:
     ``Backfill(table="users", set="full_name = name", where="full_name IS NULL")``.
     Each batch updates at most `batch_size` rows ordered by `key` in its own transaction, so no
-    lock is held for long; the batch loop resumes from the last key after a restart.
+    lock is held for long. Within a run the loop resumes from the last key it reached (keyset
+    pagination, so `key` must be unique and NOT NULL); across coordinator restarts it starts
+    from the lowest key again, so give a `where` that excludes rows already done (as above)
+    to make a restarted backfill skip them.
     """
 
     table: str
