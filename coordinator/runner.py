@@ -30,8 +30,7 @@ from statemachine.migration_fsm import MigrationMachine
 from statemachine.phases import MigrationState, MigrationStatus, Phase
 from statemachine.protocol import PhaseNotice, encode
 from statemachine.result import BackfillStats, MigrationResult, PhaseRecord, SqlAttempt
-from statemachine.sql import Finding, lint_migration, try_derive_rollback
-from statemachine.sql.plan import RollbackSource
+from statemachine.sql import Finding, RollbackSource, lint_migration, try_derive_rollback
 
 log = logging.getLogger("lockstep.coordinator")
 S = MigrationState

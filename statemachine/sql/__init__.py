@@ -23,7 +23,7 @@ from statemachine.sql.files import (
     sort_migration_filenames,
 )
 from statemachine.sql.lint import VOLATILE_FUNCTIONS, Finding, lint_migration, lint_statements
-from statemachine.sql.plan import PhasePlan, Plan, RollbackPlan, build_plan
+from statemachine.sql.plan import PhasePlan, Plan, RollbackPlan, RollbackSource, build_plan
 from statemachine.sql.rollback import (
     CannotDeriveRollback,
     RollbackDerivation,
@@ -47,6 +47,7 @@ __all__ = [
     "RollbackDerivation",
     "RollbackFailure",
     "RollbackPlan",
+    "RollbackSource",
     "Rule",
     "Section",
     "Severity",

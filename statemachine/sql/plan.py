@@ -10,7 +10,7 @@ expanded"). `build_plan` computes that without a database; `lockstep plan` rende
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Literal
 
 from statemachine.migration import Backfill, Migration
@@ -99,12 +99,14 @@ def _phase_text(title: str, phase: PhasePlan) -> list[str]:
     for number, group in enumerate(phase.groups, start=1):
         how = "transaction" if group.transactional else "autocommit"
         out.append(f"  group {number} [{how}]")
-        out += [f"    {_one_line(s)};" for s in group.statements]
+        out += [f"    {_indented(s)};" for s in group.statements]
     return out
 
 
-def _one_line(sql: str) -> str:
-    return " ".join(sql.split())
+def _indented(sql: str) -> str:
+    """Keep a statement's own lines: joining them would let a `--` comment inside a function
+    body swallow the rest of the body in the printed plan."""
+    return "\n    ".join(line.rstrip() for line in sql.strip().splitlines())
 
 
 def _phase(phase: Phase, statements: Sequence[str]) -> PhasePlan:
@@ -114,7 +116,12 @@ def _phase(phase: Phase, statements: Sequence[str]) -> PhasePlan:
         return PhasePlan(phase, (), f"syntax error: {exc}")
 
 
-def build_plan(migration: Migration, *, existing_tables: frozenset[str] | None = None) -> Plan:
+def build_plan(
+    migration: Migration,
+    *,
+    existing_tables: frozenset[str] | None = None,
+    lines: Mapping[str, Sequence[int]] | None = None,
+) -> Plan:
     """The plan for `migration`. Never raises for bad SQL: it shows up as an error instead."""
     if migration.rollback_sql is not None:
         rollback = RollbackPlan("given", _phase(Phase.ROLLBACK, migration.rollback_sql))
@@ -130,5 +137,5 @@ def build_plan(migration: Migration, *, existing_tables: frozenset[str] | None =
         backfills=migration.backfills,
         contract=_phase(Phase.CONTRACT, migration.contract_sql),
         rollback=rollback,
-        findings=tuple(lint_migration(migration, existing_tables=existing_tables)),
+        findings=tuple(lint_migration(migration, existing_tables=existing_tables, lines=lines)),
     )
