@@ -4,33 +4,19 @@ from __future__ import annotations
 
 import io
 import os
-import subprocess
-import sys
 import uuid
 from pathlib import Path
 
 import psycopg
 import pytest
+from clikit import run_lockstep
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
 from coordinator.cli import main
 from coordinator.dbcheck import STEP_CONNECT, STEP_CREATE_TABLE, DbCheckError, check_db
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 UNREACHABLE_DSN = "postgresql://nobody@127.0.0.1:1/x?connect_timeout=2"
-
-
-def _lockstep(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "coordinator.cli", *args],
-        cwd=REPO_ROOT,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
 
 
 def test_check_db_passes_and_leaves_nothing_behind(dsn: str) -> None:
@@ -103,7 +89,7 @@ def test_keyboard_interrupt_exits_130(
 
 @pytest.mark.slow
 def test_cli_check_db_with_dsn(dsn: str) -> None:
-    result = _lockstep("check-db", "--dsn", dsn)
+    result = run_lockstep("check-db", "--dsn", dsn)
     assert result.returncode == 0, result.stderr
     assert "All tests passed!" in result.stdout.splitlines()
     assert result.stderr == ""
@@ -111,7 +97,7 @@ def test_cli_check_db_with_dsn(dsn: str) -> None:
 
 @pytest.mark.slow
 def test_cli_check_db_unreachable_prints_one_error_line() -> None:
-    result = _lockstep("check-db", "--dsn", UNREACHABLE_DSN)
+    result = run_lockstep("check-db", "--dsn", UNREACHABLE_DSN)
     assert result.returncode == 1
     lines = result.stderr.splitlines()
     assert len(lines) == 1, result.stderr
@@ -122,7 +108,7 @@ def test_cli_check_db_unreachable_prints_one_error_line() -> None:
 @pytest.mark.slow
 def test_cli_check_db_without_dsn_uses_a_temporary_embedded_server() -> None:
     env = {k: v for k, v in os.environ.items() if k != "LOCKSTEP_DSN"}
-    result = _lockstep("check-db", env=env)
+    result = run_lockstep("check-db", env=env)
     assert result.returncode == 0, result.stderr
     assert "All tests passed!" in result.stdout.splitlines()
     # "Connected to database postgres as postgres on /tmp/lockstep-pg-xyz/pgdata:5432"

@@ -10,13 +10,12 @@ from __future__ import annotations
 import io
 import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import psycopg
 import pytest
 import trio
+from clikit import run_lockstep
 from rich.console import Console
 
 from coordinator.cli import main
@@ -32,8 +31,6 @@ from statemachine.failure import Failure, FailureKind
 from statemachine.phases import MigrationStatus, Phase
 from statemachine.result import MigrationResult, PhaseRecord
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-
 #: One row of the "queries per agent" table: agent, set at end, old-set ok, new-set ok, reads,
 #: writes, failed (box characters and spaces in between are non-word characters).
 AGENT_ROW = re.compile(
@@ -41,18 +38,6 @@ AGENT_ROW = re.compile(
     r"\W+(?P<reads>\d+)\W+(?P<writes>\d+)\W+(?P<failed>\d+)\W*$"
 )
 COLUMNS_LINE = re.compile(r"^users columns: (?P<columns>.+?)(?P<unchanged> \(unchanged\))?$")
-
-
-def _lockstep(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "coordinator.cli", *args],
-        cwd=REPO_ROOT,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
 
 
 def _columns(output: str) -> tuple[tuple[str, ...], bool]:
@@ -85,7 +70,7 @@ def _db_columns(dsn: str) -> tuple[str, ...]:
 
 @pytest.mark.slow
 def test_demo_success_switches_every_agent_with_zero_failed_queries(dsn: str) -> None:
-    result = _lockstep("demo", "--dsn", dsn)
+    result = run_lockstep("demo", "--dsn", dsn)
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
     columns, unchanged = _columns(out)
@@ -109,7 +94,7 @@ def test_demo_success_switches_every_agent_with_zero_failed_queries(dsn: str) ->
 
 @pytest.mark.slow
 def test_demo_timeout_names_the_silent_agent_and_leaves_users_unchanged(dsn: str) -> None:
-    result = _lockstep("demo", "--dsn", dsn, "--scenario", "timeout", "--ack-timeout", "1")
+    result = run_lockstep("demo", "--dsn", dsn, "--scenario", "timeout", "--ack-timeout", "1")
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
     assert "ack timeout 1 s" in out
@@ -129,7 +114,7 @@ def test_demo_timeout_names_the_silent_agent_and_leaves_users_unchanged(dsn: str
 
 @pytest.mark.slow
 def test_demo_sql_error_shows_postgres_message_and_leaves_users_unchanged(dsn: str) -> None:
-    result = _lockstep("demo", "--dsn", dsn, "--scenario", "sql-error", "--agents", "2")
+    result = run_lockstep("demo", "--dsn", dsn, "--scenario", "sql-error", "--agents", "2")
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
     reason = [line for line in out.splitlines() if line.startswith("reason: ")]
@@ -147,7 +132,7 @@ def test_demo_sql_error_shows_postgres_message_and_leaves_users_unchanged(dsn: s
 @pytest.mark.slow
 def test_demo_without_dsn_uses_a_temporary_embedded_server() -> None:
     env = {k: v for k, v in os.environ.items() if k != "LOCKSTEP_DSN"}
-    result = _lockstep("demo", "--agents", "2", env=env)
+    result = run_lockstep("demo", "--agents", "2", env=env)
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
     assert "Starting a temporary embedded PostgreSQL server" in out

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import psycopg
 import pytest
+from clikit import run_lockstep
 
 from coordinator.files import MigrationLoadError, load_path, load_paths
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 #: A DSN nothing listens on: commands that must not touch a database still work with it set.
 UNREACHABLE_DSN = "postgresql://nobody@127.0.0.1:1/x?connect_timeout=2"
 
@@ -41,15 +40,7 @@ def lockstep(*args: str, dsn: str | None = None) -> subprocess.CompletedProcess[
     if dsn is not None:
         env["LOCKSTEP_DSN"] = dsn
     env["COLUMNS"] = "200"
-    return subprocess.run(
-        [sys.executable, "-m", "coordinator.cli", *args],
-        cwd=REPO_ROOT,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    return run_lockstep(*args, env=env)
 
 
 def write(directory: Path, files: dict[str, str]) -> Path:

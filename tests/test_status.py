@@ -3,23 +3,17 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 
 import psycopg
 import trio
+from clikit import run_lockstep
 
 from coordinator.history import ADVISORY_LOCK_KEY, PostgresHistory
 from statemachine import Migration
 
 
 def _status(dsn: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "coordinator.cli", "status", "--dsn", dsn],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    return run_lockstep("status", "--dsn", dsn)
 
 
 def test_status_marks_a_dead_coordinators_run_interrupted(dsn: str) -> None:
@@ -54,14 +48,7 @@ def test_status_leaves_a_live_coordinators_run_alone(dsn: str) -> None:
     assert "still_running" in proc.stdout and "running" in proc.stdout
 
 
-def test_status_without_a_database_is_a_clear_error(monkeypatch: object) -> None:
-    proc = subprocess.run(
-        [sys.executable, "-m", "coordinator.cli", "status"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        env={"PATH": "/usr/bin:/bin"},
-    )
+def test_status_without_a_database_is_a_clear_error() -> None:
+    proc = run_lockstep("status", env={"PATH": "/usr/bin:/bin"})
     assert proc.returncode == 1
     assert "error: status needs a database" in proc.stderr
