@@ -97,7 +97,8 @@ async def serve_connection(coordinator: Coordinator, ws: WebSocketConnection) ->
         welcome = Welcome(
             protocol=PROTOCOL_VERSION,
             applied=coordinator.applied_names(),
-            heartbeat_interval=coordinator.heartbeat_interval,
+            # JSON has no infinity (msgspec writes null, which agents reject): 0 = no pings.
+            heartbeat_interval=_wire_interval(coordinator.heartbeat_interval),
         )
         await ws.send_message(encode(welcome))
         async with trio.open_nursery() as nursery:
@@ -132,6 +133,10 @@ async def serve_connection(coordinator: Coordinator, ws: WebSocketConnection) ->
                 coordinator.events.emit(AgentLeft(hello.agent_id, reason))
             with trio.move_on_after(1):
                 await ws.aclose()
+
+
+def _wire_interval(interval: float) -> float:
+    return interval if math.isfinite(interval) and interval > 0 else 0.0
 
 
 async def _handshake(coordinator: Coordinator, ws: WebSocketConnection) -> Hello:
