@@ -2,12 +2,11 @@
 
 Only PostgreSQL is faked (`FakeExecutor`: a set of column names changed all-or-nothing per
 phase, failing on demand); the runner, the FSM, the connection handlers, the wire protocol and
-the agent client are the production code. `run_scenario` plays one `Scenario` and returns a
-`Recording`: every coordinator event and executor call in order, stamped with
-`trio.current_time()`, plus the results and the agents' final views.
-
-Run it under `trio.testing.MockClock(autojump_threshold=0)`: ack timeouts of 30 s take no
-real time, and every deadline lands at an exact virtual instant.
+the agent client are the production code. `play` runs one `Scenario` under
+`trio.testing.MockClock(autojump_threshold=0)` (ack timeouts of 30 s take no real time and
+every deadline lands at an exact virtual instant) and returns a `Recording`: every coordinator
+event, every answer frame the coordinator read (`Tap`) and every executor call, in order and
+stamped with `trio.current_time()`, plus the results and the agents' final views.
 """
 
 from __future__ import annotations
@@ -121,7 +120,6 @@ class Recording:
     scenario: Scenario
     log: list[Entry] = dataclasses.field(default_factory=list)
     results: dict[str, MigrationResult] = dataclasses.field(default_factory=dict)
-    schema_before: frozenset[str] = frozenset()
     schema_after: frozenset[str] = frozenset()
     #: agent id -> (still connected at the end, migrations it reports applied)
     agents: dict[str, tuple[bool, frozenset[str]]] = dataclasses.field(default_factory=dict)
@@ -274,7 +272,6 @@ async def run_scenario(scenario: Scenario) -> Recording:
     timeout = scenario.ack_timeout
     recording = Recording(scenario)
     executor = FakeExecutor(scenario, recording)
-    recording.schema_before = frozenset(executor.schema)
     coordinator = Coordinator(
         executor=executor,
         history=InMemoryHistory(),
