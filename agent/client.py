@@ -230,6 +230,7 @@ class Agent:
             except Exception as exc:  # the app's own code: any failure is a NACK
                 error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
                 log.warning("agent %s: %s hook failed: %s", self.agent_id, step.hook.value, error)
+                self.machine.hook_failed(notice.phase)
             else:
                 self.machine.hook_succeeded(notice.phase)
                 error = await self._drain_previous_version(notice)

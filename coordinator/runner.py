@@ -214,8 +214,10 @@ class MigrationRun:
                 ack_timeout=self.ack_timeout,
             )
         )
-        # Acked phases go to their cohort; notices go to everybody connected.
-        self.fleet.broadcast(frame, only=cohort if ack_required else None)
+        # Acked phases go to their cohort; notices, and ROLLBACK (which must reach even the
+        # agents it does not wait for), go to everybody connected.
+        only = cohort if ack_required and phase is not Phase.ROLLBACK else None
+        self.fleet.broadcast(frame, only=only)
 
     async def _collect_answers(self) -> None:
         """Broadcast the phase and wait until its ledger settles or the deadline passes."""

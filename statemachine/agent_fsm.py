@@ -159,6 +159,14 @@ class AgentMachine:
         self.machine.set_state(A.IDLE)
         return added, removed
 
+    def hook_failed(self, phase: Phase) -> None:
+        """The hook raised (the driver NACKs). Only ROLLBACK still changes the state: the
+        coordinator puts the schema back whatever the app managed, so the new queries must
+        stop now; staying "applied" would send them against a schema that no longer has them.
+        """
+        if phase is Phase.ROLLBACK:
+            self.hook_succeeded(phase)
+
     def hook_succeeded(self, phase: Phase) -> None:
         trigger = _TRIGGER_AFTER_HOOK.get(phase)
         if trigger is not None:

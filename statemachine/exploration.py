@@ -195,6 +195,8 @@ class Oracle:
     closed: bool = False  # the current phase's deadline passed (CONFIRM/ROLLBACK)
     executed: bool = False
     contracted: bool = False
+    #: Agents that let a deadline of this migration pass: ROLLBACK does not wait for them.
+    unresponsive: set[str] = dataclasses.field(default_factory=set)
     path: list[MigrationState] = dataclasses.field(default_factory=lambda: [S.PENDING])
 
     @classmethod
@@ -207,6 +209,7 @@ class Oracle:
             connected=set(self.connected),
             acked=set(self.acked),
             answered=set(self.answered),
+            unresponsive=set(self.unresponsive),
             path=list(self.path),
         )
 
@@ -221,6 +224,7 @@ class Oracle:
             self.cohort is not None and agent in self.cohort,
             agent in self.acked,
             agent in self.answered,
+            agent in self.unresponsive,
         )
 
     # -------------------------------------------------------------- the rules
@@ -229,7 +233,10 @@ class Oracle:
         expected.append(state)
         phase = state.phase
         if phase is not None and phase in ACKED_PHASES:
-            self.cohort = frozenset(self.connected)
+            cohort = self.connected
+            if phase is Phase.ROLLBACK:
+                cohort = self.connected - self.unresponsive
+            self.cohort = frozenset(cohort)
             self.acked, self.answered, self.closed = set(), set(), False
         else:
             self.cohort = None
@@ -283,6 +290,7 @@ class Oracle:
                         self._enter(S.ROLLBACK, expected)
             case Deadline():
                 if self.cohort is not None and not self.closed and not self.cohort <= self.acked:
+                    self.unresponsive |= self.cohort - self.answered
                     if state in _WAITING:
                         self._enter(S.ROLLBACK, expected)
                     else:
@@ -496,7 +504,6 @@ class World:
         self.connected = set(self.agent_ids)
         self.inbox: dict[str, tuple[Notice, ...]] = {a: () for a in self.agent_ids}
         self.outbox: dict[str, tuple[Answer, ...]] = {a: () for a in self.agent_ids}
-        self.rollback_refused: set[str] = set()  # agents whose on_rollback hook raised
         self._feed(Begin())
 
     # ------------------------------------------------------ snapshot/restore
@@ -510,17 +517,15 @@ class World:
             set(self.connected),
             dict(self.inbox),
             dict(self.outbox),
-            set(self.rollback_refused),
         )
 
     def restore(self, snap: tuple[Any, ...]) -> None:
-        m_vars, a_vars, oracle, connected, inbox, outbox, refused = snap
+        m_vars, a_vars, oracle, connected, inbox, outbox = snap
         vars(self.machine).update({k: _clone(v) for k, v in m_vars.items()})
         for a, values in a_vars.items():
             vars(self.agents[a]).update({k: _clone(v) for k, v in values.items()})
         self.oracle = oracle.clone()
         self.connected, self.inbox, self.outbox = set(connected), dict(inbox), dict(outbox)
-        self.rollback_refused = set(refused)
 
     def key(self) -> tuple[Any, ...]:
         """The world up to renaming agents, for de-duplication.
@@ -550,7 +555,6 @@ class World:
                 tuple(a in group for group in sets),
                 a in m.connected,
                 a in self.connected,
-                a in self.rollback_refused,
                 am.state.value,
                 am.is_applied(self.NAME),
                 am.migration_id is None,
@@ -608,10 +612,11 @@ class World:
         am = self.agents[agent]
         step = am.on_notice(self.MIGRATION_ID, self.NAME, phase, ack_required)
         ok = hook is Hook.OK
-        if step.hook is not None and ok:
-            am.hook_succeeded(phase)
-        elif phase is Phase.ROLLBACK:
-            self.rollback_refused.add(agent)
+        if step.hook is not None:
+            if ok:
+                am.hook_succeeded(phase)
+            else:
+                am.hook_failed(phase)
         if step.ack:
             self.outbox[agent] += ((phase, ok),)
         self._read_plain_notices(agent)
@@ -634,7 +639,9 @@ class World:
         if ack_required is None:
             return
         assert m.state.phase is not None
-        targets = m.ledger.cohort if ack_required and m.ledger else self.connected
+        # ROLLBACK reaches every connected agent, even those its ledger does not wait for.
+        waits_for_cohort = ack_required and m.ledger and m.state is not S.ROLLBACK
+        targets = m.ledger.cohort if waits_for_cohort and m.ledger else self.connected
         for a in sorted(targets):
             if a in self.connected:
                 self.inbox[a] += ((m.state.phase, ack_required),)
@@ -658,7 +665,7 @@ class World:
         if not self.quiet:
             return
         completed = self.machine.state is S.COMPLETED
-        for a in sorted(self.connected - (set() if completed else self.rollback_refused)):
+        for a in sorted(self.connected):
             if self.agents[a].is_applied(self.NAME) != completed:
                 raise InvariantViolation(
                     f"AGREE: the migration ended {self.machine.state.name} but connected agent {a} "

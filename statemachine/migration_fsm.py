@@ -16,6 +16,7 @@ guards look only at the current phase's `AckLedger`, so the rules below are the 
 
 Cohorts: each acked phase's cohort is the set of agents connected when the phase begins, so an
 agent that joins during ANNOUNCE or EXECUTE must still ack APPLY before CONTRACT may run.
+ROLLBACK's cohort leaves out agents that already missed a deadline of this migration.
 """
 
 from __future__ import annotations
@@ -148,6 +149,8 @@ class MigrationMachine:
         self.contracted = False  # the CONTRACT transaction committed
         self.schema_restored: bool | None = None  # set when ROLLBACK finishes
         self.warnings: list[str] = []
+        #: Agents that missed a deadline of this migration; ROLLBACK does not wait for them.
+        self.unresponsive: set[str] = set()
         self._clock = clock
         self.history: list[StateRecord] = [StateRecord(S.PENDING, clock())]
         self.machine = Machine(
@@ -191,7 +194,18 @@ class MigrationMachine:
         phase = self.state.phase
         if self.ledger is not None:
             self.ledger.closed = True
-        self.ledger = AckLedger(phase, self.connected) if phase in ACKED_PHASES else None
+        cohort = self.connected
+        if phase is Phase.ROLLBACK:
+            # Agents that already let a deadline pass are not waited for a second time: the
+            # rollback would run after that wait anyway, so it would only double the outage.
+            cohort = self.connected - self.unresponsive
+            skipped = sorted(self.connected & self.unresponsive)
+            if skipped:
+                self.warnings.append(
+                    f"ROLLBACK: not waiting for agent(s) {', '.join(skipped)}, which already "
+                    "missed a deadline; they were sent the rollback all the same"
+                )
+        self.ledger = AckLedger(phase, cohort) if phase in ACKED_PHASES else None
 
     # ----------------------------------------------------------------- queries
     @property
@@ -271,6 +285,7 @@ class MigrationMachine:
         if ledger is None or ledger.closed or ledger.complete:
             return False
         missing = ledger.missing()
+        self.unresponsive.update(missing)
         message = f"no ack within {timeout:g} s"
         if self.state in _ROLLBACK_ON_REFUSAL:
             failure = Failure(FailureKind.TIMEOUT, ledger.phase, message, agents=tuple(missing))

@@ -142,14 +142,25 @@ def test_failed_announce_hook_keeps_idle() -> None:
     assert m.migration_id == MID, "the notice is still remembered for the ROLLBACK that follows"
 
 
-def test_failed_rollback_hook_keeps_the_migration_applied() -> None:
-    """If reverting failed, the app did not switch back: is_applied must stay honest."""
+def test_failed_rollback_hook_still_reverts() -> None:
+    """The schema goes back whatever the hook managed: the new queries must stop."""
     m = AgentMachine()
     for phase in (Phase.ANNOUNCE, Phase.EXECUTE, Phase.APPLY):
         _ok(m, phase)
     _notice(m, Phase.ROLLBACK)
-    assert m.state is A.SWITCHED
-    assert m.is_applied(NAME)
+    m.hook_failed(Phase.ROLLBACK)
+    assert m.state is A.IDLE
+    assert not m.is_applied(NAME)
+
+
+def test_failed_apply_hook_keeps_the_old_queries() -> None:
+    m = AgentMachine()
+    for phase in (Phase.ANNOUNCE, Phase.EXECUTE):
+        _ok(m, phase)
+    _notice(m, Phase.APPLY)
+    m.hook_failed(Phase.APPLY)
+    assert m.state is A.EXECUTING
+    assert not m.is_applied(NAME)
 
 
 def test_a_new_migration_while_busy_follows_the_coordinator() -> None:

@@ -432,3 +432,16 @@ def test_failure_triggers_demand_a_failure() -> None:
     with pytest.raises(TypeError, match="sql_failed needs failure"):
         m.sql_failed()
     assert m.state is S.EXECUTE
+
+
+def test_rollback_does_not_wait_again_for_agents_that_missed_the_deadline() -> None:
+    m = MigrationMachine("m1", has_contract=False, connected=["a", "b", "c"])
+    m.begin()
+    for agent in "abc":
+        m.receive_ack(agent, "m1", Phase.ANNOUNCE)
+    m.sql_succeeded()
+    m.receive_ack("a", "m1", Phase.APPLY)
+    m.deadline_passed(1.0)  # b and c never acked APPLY
+    assert m.state is MigrationState.ROLLBACK
+    assert m.ledger is not None and m.ledger.cohort == {"a"}
+    assert any("ROLLBACK: not waiting for agent(s) b, c" in w for w in m.warnings)

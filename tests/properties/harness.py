@@ -123,8 +123,6 @@ class Recording:
     schema_after: frozenset[str] = frozenset()
     #: agent id -> (still connected at the end, migrations it reports applied)
     agents: dict[str, tuple[bool, frozenset[str]]] = dataclasses.field(default_factory=dict)
-    #: agent id -> migrations whose on_rollback hook raised in it
-    rollback_refused: dict[str, set[str]] = dataclasses.field(default_factory=dict)
     still_connected: frozenset[str] = frozenset()  # the coordinator's fleet at the end
 
     def record(self, item: Item) -> None:
@@ -242,14 +240,11 @@ async def connect(
 
 
 def make_agent(agent_id: str, plan: AgentPlan, timeout: float, recording: Recording) -> Agent:
-    refused = recording.rollback_refused.setdefault(agent_id, set())
 
     def hook(phase: Phase):  # type: ignore[no-untyped-def]
         async def run(info: MigrationInfo) -> None:
             await trio.sleep(plan.delay(phase) * timeout)
             if phase in plan.raises:
-                if phase is Phase.ROLLBACK:
-                    refused.add(info.name)
                 raise RuntimeError(f"{agent_id} refuses {phase.name}")
 
         return run

@@ -260,12 +260,13 @@ class AgentWalk(RuleBasedStateMachine):
             assert step.hook is None
             return
         assert step.hook is not None and step.hook.value == f"on_{phase.value}"
-        if not hook_ok:  # the driver sends a NACK and tells the machine nothing
-            return
         before = self.agent.state
-        self.agent.hook_succeeded(phase)
+        if hook_ok:
+            self.agent.hook_succeeded(phase)
+        else:  # the driver NACKs; only a ROLLBACK still reverts (the schema goes back anyway)
+            self.agent.hook_failed(phase)
         self._check_edge(before, self.agent.state)
-        if phase is Phase.APPLY:
+        if phase is Phase.APPLY and hook_ok:
             self.expected_applied.add(name)
         elif phase is Phase.ROLLBACK:
             self.expected_applied.discard(name)
