@@ -18,11 +18,12 @@ PY_CHECK := import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)
 
 .DEFAULT_GOAL := help
 
-.PHONY: help install demo test lint format bench-traffic clean distclean
+.PHONY: help install demo test test-thorough lint format bench-traffic clean distclean
 
 help:
 	@echo "make install        create $(VENV) and install lockstep with its dev extras"
 	@echo "make test           run the test suite (PYTEST_ARGS='...' passes options to pytest)"
+	@echo "make test-thorough  the property tests with many more examples (minutes)"
 	@echo "make lint           ruff check, ruff format --check, mypy"
 	@echo "make format         ruff format and ruff check --fix"
 	@echo "make demo           run 'lockstep demo' (ARGS='...' passes options)"
@@ -52,6 +53,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The property tests with ten times the examples and a 4-agent exhaustive walk (minutes).
+test-thorough: $(STAMP)
+	$(BIN)/python -m pytest tests/properties tests/test_exhaustive.py tests/sql \
+	  --hypothesis-profile=thorough $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -143,7 +143,10 @@ class Agent:
             frame = await ws.get_message()
         except ConnectionClosed as exc:
             raise HandshakeRejected("closed", f"connection closed: {exc.reason}") from None
-        msg = decode_coordinator_message(frame)
+        try:
+            msg = decode_coordinator_message(frame)
+        except ProtocolError as exc:
+            raise HandshakeRejected(exc.code, f"unreadable answer to hello: {exc}") from None
         if isinstance(msg, Error):
             raise HandshakeRejected(msg.code, msg.message)
         if not isinstance(msg, Welcome):

@@ -182,6 +182,9 @@ class MigrationRun:
         if m.state is S.PENDING:
             m.begin()
         while not m.is_terminal:
+            # A checkpoint per step: should the FSM ever fail to move, the loop stays
+            # cancellable instead of spinning the event loop.
+            await trio.lowlevel.checkpoint()
             state = m.state
             if state in (S.ANNOUNCE, S.APPLY):
                 await self._collect_answers()

@@ -14,6 +14,9 @@ import os
 import uuid
 from collections.abc import Iterator
 
+# Registers the hypothesis profiles ("ci", "thorough") before hypothesis' plugin reads
+# --hypothesis-profile, so `pytest --hypothesis-profile=thorough` works from the repo root.
+import properties  # noqa: F401
 import psycopg
 import pytest
 from psycopg import sql
