@@ -641,7 +641,7 @@ async def _run_fleet(
                     run_app,
                     dsn,
                     s,
-                    uses_new_schema=functools.partial(agent.is_applied, MIGRATION_NAME),
+                    schema_lease=functools.partial(agent.using, MIGRATION_NAME),
                     stop=stop,
                     rng=random.Random(rng.random()),
                 )

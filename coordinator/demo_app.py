@@ -1,9 +1,11 @@
 """The toy application every `lockstep demo` agent runs: it keeps reading and writing `users`.
 
 The point of the demo is that no query fails while the schema changes under live traffic, so
-the app behaves like real code would: it picks its query set from what its agent says is
-applied (`agent.is_applied(MIGRATION_NAME)`) right before each query, and a query that fails is
-counted, never allowed to crash the loop. The counts are the demo's evidence.
+the app behaves like real code should: each query runs inside its agent's per-request lease
+(`with agent.using(MIGRATION_NAME) as new:`), which picks the query set and holds that choice
+until the query is done, so the fleet's switch never lands between choosing a query and sending
+it. A query that fails is counted, never allowed to crash the loop. The counts are the demo's
+evidence.
 
 The queries are blocking psycopg calls in trio worker threads (`coordinator.pgthread`), one
 connection per app, autocommit, so a failed statement never leaves an aborted transaction
@@ -15,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import random
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Any
 
 import psycopg
@@ -101,15 +104,16 @@ async def run_app(
     dsn: str,
     stats: AppStats,
     *,
-    uses_new_schema: Callable[[], bool],
+    schema_lease: Callable[[], AbstractContextManager[bool]],
     stop: trio.Event,
     pause: tuple[float, float] = (0.02, 0.05),
     rng: random.Random | None = None,
 ) -> None:
     """Write one row and read the newest rows, then pause, until `stop` is set.
 
-    `uses_new_schema` is asked before every query (in the demo: the agent's `is_applied`), so
-    the switch happens between two queries, exactly when the agent acks APPLY. Failed queries
+    Every query runs inside `schema_lease()` (in the demo: `agent.using(MIGRATION_NAME)`),
+    which says whether to use the new query set and holds that choice until the query is done:
+    the agent acks APPLY only once no query on the old set is running. Failed queries
     and failed connection attempts are counted in `stats.failed`; the loop goes on.
     """
     rng = rng or random.Random()
@@ -125,8 +129,8 @@ async def run_app(
                     conn = None
             if conn is not None:
                 n += 1
-                await _query(conn, stats, uses_new_schema, write=True, n=n, rng=rng)
-                await _query(conn, stats, uses_new_schema, write=False, n=n, rng=rng)
+                await _query(conn, stats, schema_lease, write=True, n=n, rng=rng)
+                await _query(conn, stats, schema_lease, write=False, n=n, rng=rng)
             with trio.move_on_after(rng.uniform(*pause)):
                 await stop.wait()
     finally:
@@ -137,13 +141,27 @@ async def run_app(
 async def _query(
     conn: psycopg.Connection[Any],
     stats: AppStats,
-    uses_new_schema: Callable[[], bool],
+    schema_lease: Callable[[], AbstractContextManager[bool]],
     *,
     write: bool,
     n: int,
     rng: random.Random,
 ) -> None:
-    queries = NEW_QUERIES if uses_new_schema() else OLD_QUERIES
+    with schema_lease() as new:
+        await _run_query(
+            conn, stats, NEW_QUERIES if new else OLD_QUERIES, write=write, n=n, rng=rng
+        )
+
+
+async def _run_query(
+    conn: psycopg.Connection[Any],
+    stats: AppStats,
+    queries: QuerySet,
+    *,
+    write: bool,
+    n: int,
+    rng: random.Random,
+) -> None:
     stats.query_set = queries.name
     name = f"{stats.agent_id}-user-{n}"
     if write:

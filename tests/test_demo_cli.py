@@ -7,6 +7,7 @@ the per-agent rows of the query table.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import re
@@ -234,7 +235,13 @@ async def test_app_counts_a_failing_query_and_keeps_going(dsn: str) -> None:
     stop = trio.Event()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(
-            lambda: run_app(dsn, stats, uses_new_schema=lambda: True, stop=stop, pause=(0, 0.01))
+            lambda: run_app(
+                dsn,
+                stats,
+                schema_lease=lambda: contextlib.nullcontext(True),
+                stop=stop,
+                pause=(0, 0.01),
+            )
         )
         with trio.fail_after(30):
             while stats.failed < 6:
@@ -258,7 +265,11 @@ async def test_app_switches_query_set_between_queries(dsn: str) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(
             lambda: run_app(
-                dsn, stats, uses_new_schema=lambda: switched, stop=stop, pause=(0, 0.01)
+                dsn,
+                stats,
+                schema_lease=lambda: contextlib.nullcontext(switched),
+                stop=stop,
+                pause=(0, 0.01),
             )
         )
         with trio.fail_after(30):
