@@ -11,18 +11,15 @@ pytest-trio runs in trio mode; these fixtures are synchronous, which trio mode a
 from __future__ import annotations
 
 import os
-import uuid
 from collections.abc import Iterator
 
 # Registers the hypothesis profiles ("ci", "thorough") before hypothesis' plugin reads
 # --hypothesis-profile, so `pytest --hypothesis-profile=thorough` works from the repo root.
 import properties  # noqa: F401
-import psycopg
 import pytest
-from psycopg import sql
-from psycopg.conninfo import make_conninfo
 
 from coordinator.embedded import embedded_postgres_server
+from coordinator.scratchdb import fresh_database
 
 TEST_DSN_ENV_VAR = "LOCKSTEP_TEST_DSN"
 
@@ -41,14 +38,5 @@ def pg_server_dsn() -> Iterator[str]:
 @pytest.fixture
 def dsn(pg_server_dsn: str) -> Iterator[str]:
     """DSN of a new, empty database ``lockstep_test_<hex>``, dropped (WITH FORCE) afterwards."""
-    name = f"lockstep_test_{uuid.uuid4().hex}"
-    with psycopg.connect(pg_server_dsn, autocommit=True) as admin:
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    try:
-        yield make_conninfo(pg_server_dsn, dbname=name)
-    finally:
-        # FORCE ends sessions a failed test left open, which would otherwise block the drop.
-        with psycopg.connect(pg_server_dsn, autocommit=True) as admin:
-            admin.execute(
-                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-            )
+    with fresh_database(pg_server_dsn, "lockstep_test") as database_dsn:
+        yield database_dsn

@@ -12,15 +12,13 @@ import contextlib
 import dataclasses
 import math
 import time
-import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 
 import psycopg
 import trio
-from psycopg import sql
-from psycopg.conninfo import make_conninfo
 
 from agent.client import HookFn, MigrationInfo, open_agent
+from coordinator import scratchdb
 from coordinator.bench.apploop import QueryLoop, Sample
 from coordinator.bench.recipes import Recipe
 from coordinator.core import open_coordinator
@@ -100,20 +98,11 @@ class DirectRun:
     ddl_error: str | None
 
 
-# ------------------------------------------------------------------ databases
-@contextlib.contextmanager
-def fresh_database(server_dsn: str, prefix: str = "lockstep_bench") -> Iterator[str]:
-    """A new empty database on the server at `server_dsn`, dropped (WITH FORCE) afterwards."""
-    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(server_dsn, autocommit=True) as admin:
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    try:
-        yield make_conninfo(server_dsn, dbname=name)
-    finally:
-        with psycopg.connect(server_dsn, autocommit=True) as admin:
-            admin.execute(
-                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-            )
+def fresh_database(
+    server_dsn: str, prefix: str = "lockstep_bench"
+) -> contextlib.AbstractContextManager[str]:
+    """A new empty database for one benchmark run (see `coordinator.scratchdb`)."""
+    return scratchdb.fresh_database(server_dsn, prefix)
 
 
 def _execute_all(dsn: str, statements: Sequence[str]) -> None:
