@@ -240,6 +240,12 @@ async def open_coordinator(
     """
     history = PostgresHistory(dsn)
     await history.ensure_schema()
+    for name in await history.mark_interrupted():
+        log.warning(
+            "migration %r was left running by a coordinator that stopped: marked interrupted; "
+            "check the schema (its rollback did not run)",
+            name,
+        )
     coordinator = Coordinator(
         executor=executor
         or PostgresExecutor(

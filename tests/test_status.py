@@ -8,6 +8,7 @@ import psycopg
 import trio
 from clikit import run_lockstep
 
+from coordinator import open_coordinator
 from coordinator.history import ADVISORY_LOCK_KEY, PostgresHistory
 from statemachine import Migration
 
@@ -52,3 +53,13 @@ def test_status_without_a_database_is_a_clear_error() -> None:
     proc = run_lockstep("status", env={"PATH": "/usr/bin:/bin"})
     assert proc.returncode == 1
     assert "error: status needs a database" in proc.stderr
+
+
+async def test_a_new_coordinator_marks_a_dead_ones_run_interrupted(dsn: str) -> None:
+    history = PostgresHistory(dsn)
+    await history.ensure_schema()
+    await history.record_start(Migration("crashed_mid_run", "SELECT 1"))
+    async with open_coordinator(dsn):
+        pass
+    [row] = await history.rows()
+    assert (row.name, row.status) == ("crashed_mid_run", "interrupted")
