@@ -18,7 +18,7 @@ PY_CHECK := import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)
 
 .DEFAULT_GOAL := help
 
-.PHONY: help install demo test test-thorough lint format bench-traffic clean distclean
+.PHONY: help install demo test test-thorough lint format bench-traffic bench-fleet clean distclean
 
 help:
 	@echo "make install        create $(VENV) and install lockstep with its dev extras"
@@ -28,6 +28,7 @@ help:
 	@echo "make format         ruff format and ruff check --fix"
 	@echo "make demo           run 'lockstep demo' (ARGS='...' passes options)"
 	@echo "make bench-traffic  run the traffic benchmark (ARGS='...' passes options)"
+	@echo "make bench-fleet    run the fleet-scale benchmark (ARGS='...' passes options)"
 	@echo "make clean          remove caches and build artifacts; distclean also removes $(VENV)"
 
 # The stamp is newer than pyproject.toml once the venv holds what pyproject.toml asks for.
@@ -70,6 +71,9 @@ format: $(STAMP)
 
 bench-traffic: $(STAMP)
 	$(BIN)/python -m coordinator.bench.traffic $(ARGS)
+
+bench-fleet: $(STAMP)
+	$(BIN)/python -m coordinator.bench.fleet $(ARGS)
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis
