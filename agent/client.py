@@ -12,6 +12,8 @@ import dataclasses
 import functools
 import logging
 import random
+import ssl
+import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import trio
@@ -273,12 +275,18 @@ def _backoff(attempt: int, cap: float) -> float:
 
 
 async def _connect_once(
-    agent: Agent, url: str, token: str | None, connect_timeout: float, on_joined: Callable[[], None]
+    agent: Agent,
+    url: str,
+    token: str | None,
+    connect_timeout: float,
+    ssl_context: ssl.SSLContext | None,
+    on_joined: Callable[[], None],
 ) -> None:
     """One connection: open, handshake, call `on_joined`, serve until it closes."""
+    await _check_tls(url, ssl_context, connect_timeout)
     try:
         with unwrap_single_group():
-            async with open_websocket_url(url, connect_timeout=connect_timeout) as ws:
+            async with open_websocket_url(url, ssl_context, connect_timeout=connect_timeout) as ws:
                 try:
                     with trio.fail_after(connect_timeout):
                         await agent.handshake(ws, token)
@@ -292,6 +300,30 @@ async def _connect_once(
         raise CoordinatorUnreachable(f"connection to {url} closed: {exc.reason}") from exc
 
 
+async def _check_tls(url: str, ssl_context: ssl.SSLContext | None, timeout: float) -> None:
+    """For ``wss://``, complete one TLS handshake first and report why it fails.
+
+    trio-websocket turns a refused certificate into a bare connection timeout after the whole
+    `connect_timeout`; an operator needs "certificate verify failed" at once instead.
+    """
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme != "wss" or parts.hostname is None:
+        return
+    context = ssl_context or ssl.create_default_context()
+    try:
+        with trio.fail_after(timeout):
+            stream = await trio.open_ssl_over_tcp_stream(
+                parts.hostname, parts.port or 443, ssl_context=context
+            )
+            try:
+                await stream.do_handshake()
+            finally:
+                await stream.aclose()
+    except (OSError, trio.BrokenResourceError, trio.TooSlowError) as exc:
+        cause = exc.__cause__ or exc
+        raise CoordinatorUnreachable(f"TLS with the coordinator at {url} failed: {cause}") from exc
+
+
 async def keep_connected(
     agent: Agent,
     url: str,
@@ -300,6 +332,7 @@ async def keep_connected(
     connect_timeout: float = 10.0,
     reconnect: bool = True,
     max_backoff: float = 5.0,
+    ssl_context: ssl.SSLContext | None = None,
     task_status: trio.TaskStatus[Agent] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve `agent` on `url`; after the first handshake, reconnect whenever the link drops.
@@ -321,7 +354,7 @@ async def keep_connected(
 
     while True:
         try:
-            await _connect_once(agent, url, token, connect_timeout, joined)
+            await _connect_once(agent, url, token, connect_timeout, ssl_context, joined)
         except (CoordinatorUnreachable, HandshakeRejected) as exc:
             if not started:
                 raise
@@ -347,6 +380,7 @@ async def open_agent(
     token: str | None = None,
     connect_timeout: float = 10.0,
     reconnect: bool = True,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> AsyncIterator[Agent]:
     """Connect to the coordinator at `url` as `agent_id` and answer its phases in the background.
 
@@ -354,7 +388,9 @@ async def open_agent(
     callables taking a `MigrationInfo`: returning acks the phase, raising NACKs it. If the
     connection drops later, the agent reconnects with backoff (unless `reconnect=False`) and,
     on rejoining, runs `on_rollback`/`on_apply` for migrations that were rolled back or
-    completed while it was away (`info.resynced` is True then).
+    completed while it was away (`info.resynced` is True then). For a ``wss://`` URL,
+    `ssl_context` is the client context that trusts the coordinator's certificate (default:
+    the system's trust store).
     """
     agent = Agent(
         agent_id,
@@ -373,6 +409,7 @@ async def open_agent(
                     token=token,
                     connect_timeout=connect_timeout,
                     reconnect=reconnect,
+                    ssl_context=ssl_context,
                 )
             )
             yield agent

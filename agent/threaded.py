@@ -9,6 +9,7 @@ raising NACKs it, exactly like the async hooks of `open_agent`.
 from __future__ import annotations
 
 import contextlib
+import ssl
 import threading
 from collections.abc import Callable
 from types import TracebackType
@@ -45,6 +46,7 @@ class ThreadedAgent:
         token: str | None = None,
         connect_timeout: float = 10.0,
         reconnect: bool = True,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.url = url
         self.agent_id = agent_id
@@ -57,6 +59,7 @@ class ThreadedAgent:
         self._token = token
         self._connect_timeout = connect_timeout
         self._reconnect = reconnect
+        self._ssl_context = ssl_context
         self._agent: Agent | None = None
         self._ready = threading.Event()
         self._error: BaseException | None = None
@@ -132,6 +135,7 @@ class ThreadedAgent:
                 token=self._token,
                 connect_timeout=self._connect_timeout,
                 reconnect=self._reconnect,
+                ssl_context=self._ssl_context,
                 **self._hooks,
             ) as agent:
                 self._agent = agent

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import ssl
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -200,19 +201,25 @@ class Coordinator:
         self,
         host: str = "127.0.0.1",
         port: int = 0,
+        ssl_context: ssl.SSLContext | None = None,
         *,
         task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Accept agents on `host:port` until cancelled; `nursery.start` returns the URL."""
+        """Accept agents on `host:port` until cancelled; `nursery.start` returns the URL.
+
+        With `ssl_context` (a server context holding the certificate) agents connect over TLS
+        and the URL is ``wss://``.
+        """
         async with trio.open_nursery() as nursery:
             server = await nursery.start(
                 serve_websocket,
                 self.handle_request,
                 host,
                 port,
-                None,
+                ssl_context,
             )
-            self.url = f"ws://{host}:{server.port}"
+            scheme = "ws" if ssl_context is None else "wss"
+            self.url = f"{scheme}://{host}:{server.port}"
             task_status.started(self.url)
 
 
@@ -229,6 +236,7 @@ async def open_coordinator(
     heartbeat_interval: float = 5.0,
     token: str | None = None,
     executor: Executor | None = None,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> AsyncIterator[Coordinator]:
     """Start a coordinator for the database at `dsn`, serving agents on `host:port`.
 
@@ -236,7 +244,8 @@ async def open_coordinator(
     `lock_timeout` (seconds) bounds each wait for a lock, `statement_timeout` each statement in
     a phase transaction, and `lock_retry` how long lock timeouts are retried (see
     `coordinator.executor`); they configure the default `PostgresExecutor` and are ignored when
-    you pass your own `executor`.
+    you pass your own `executor`. `ssl_context` (a server context with the certificate) serves
+    agents over TLS (``wss://``); pair it with `token` so only your fleet can join.
     """
     history = PostgresHistory(dsn)
     await history.ensure_schema()
@@ -262,7 +271,7 @@ async def open_coordinator(
     await coordinator.load_history()
     with unwrap_single_group():
         async with trio.open_nursery() as nursery:
-            await nursery.start(coordinator.serve, host, port)
+            await nursery.start(coordinator.serve, host, port, ssl_context)
             try:
                 yield coordinator
             finally:
@@ -272,15 +281,13 @@ async def open_coordinator(
 async def serve_coordinator(
     dsn: str,
     *,
-    host: str = "127.0.0.1",
-    port: int = 0,
-    ack_timeout: float = 30.0,
-    token: str | None = None,
     task_status: trio.TaskStatus[Coordinator] = trio.TASK_STATUS_IGNORED,
+    **options: Any,
 ) -> None:
-    """`open_coordinator` as a task: `coord = await nursery.start(serve_coordinator, dsn)`."""
-    async with open_coordinator(
-        dsn, host=host, port=port, ack_timeout=ack_timeout, token=token
-    ) as coordinator:
+    """`open_coordinator` as a task: `coord = await nursery.start(serve_coordinator, dsn)`.
+
+    Keyword options are those of `open_coordinator` (pass them with `functools.partial`).
+    """
+    async with open_coordinator(dsn, **options) as coordinator:
         task_status.started(coordinator)
         await trio.sleep_forever()
