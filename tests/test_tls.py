@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import functools
 import ssl
+from pathlib import Path
 
 import pytest
 import trio
 import trustme
+from clikit import run_lockstep
 from flowkit import columns, make_users
 
 from agent import CoordinatorUnreachable, open_agent
@@ -79,3 +81,27 @@ async def test_threaded_agent_and_serve_coordinator_over_wss(
         finally:
             await trio.to_thread.run_sync(app.stop)
         nursery.cancel_scope.cancel()
+
+
+def test_apply_serves_wss_with_a_certificate_and_key(
+    dsn: str, ca: trustme.CA, tmp_path: Path
+) -> None:
+    make_users(dsn)
+    cert = ca.issue_cert("127.0.0.1")
+    cert_pem, key_pem = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert.cert_chain_pems[0].write_to_path(str(cert_pem))
+    cert.private_key_pem.write_to_path(str(key_pem))
+    migration = tmp_path / "add_nick.sql"
+    migration.write_text("ALTER TABLE users ADD COLUMN nick TEXT;\n")
+    args = ["apply", str(migration), "--dsn", dsn, "--port", "0"]
+    proc = run_lockstep(*args, "--tls-cert", str(cert_pem), "--tls-key", str(key_pem))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "coordinator listening on wss://127.0.0.1:" in proc.stdout
+    assert "nick" in columns(dsn)
+
+    half = run_lockstep(*args, "--tls-cert", str(cert_pem))
+    assert half.returncode == 1
+    assert "--tls-cert and --tls-key go together" in half.stderr
+    wrong = run_lockstep(*args, "--tls-cert", str(key_pem), "--tls-key", str(key_pem))
+    assert wrong.returncode == 1
+    assert "cannot load the TLS certificate" in wrong.stderr

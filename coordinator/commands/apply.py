@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import ssl
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -74,6 +75,16 @@ def register(subparsers: Subparsers) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address agents connect to")
     parser.add_argument("--port", type=int, default=8765, help="port agents connect to")
     parser.add_argument("--token", default=None, help="token agents must present")
+    parser.add_argument(
+        "--tls-cert",
+        type=Path,
+        default=None,
+        metavar="PEM",
+        help="serve agents over TLS (wss://) with this certificate chain; needs --tls-key",
+    )
+    parser.add_argument(
+        "--tls-key", type=Path, default=None, metavar="PEM", help="the certificate's private key"
+    )
     parser.add_argument(
         "--ack-timeout", type=_positive, default=30.0, help="seconds agents have to ack a phase"
     )
@@ -174,6 +185,7 @@ async def _apply(
         statement_timeout=args.statement_timeout,
         lock_retry=retry,
         token=args.token,
+        ssl_context=args.ssl_context,
     ) as coordinator:
         coordinator.subscribe(_Printer(out))
         out.print(f"coordinator listening on {coordinator.url}")
@@ -219,6 +231,20 @@ async def _run_all(
     return True
 
 
+def _server_tls(cert: Path | None, key: Path | None) -> ssl.SSLContext | None:
+    """The server context for --tls-cert/--tls-key, or None for plain ws://."""
+    if cert is None and key is None:
+        return None
+    if cert is None or key is None:
+        raise CommandError("--tls-cert and --tls-key go together")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as exc:
+        raise CommandError(f"cannot load the TLS certificate {cert} / key {key}: {exc}") from exc
+    return context
+
+
 def run(args: argparse.Namespace) -> int:
     dsn = configured_dsn(args.dsn)
     if dsn is None:
@@ -227,6 +253,7 @@ def run(args: argparse.Namespace) -> int:
         files = load_path(args.path)
     except MigrationLoadError as exc:
         raise CommandError(str(exc)) from exc
+    args.ssl_context = _server_tls(args.tls_cert, args.tls_key)
     out = stdout_console()
     try:
         ok = trio.run(_apply, args, dsn, files, out)
