@@ -18,7 +18,6 @@ import argparse
 import dataclasses
 import os
 import platform
-import re
 import statistics
 import sys
 import time
@@ -32,6 +31,8 @@ from rich.table import Table
 
 from agent import open_agent
 from coordinator import open_coordinator
+from coordinator.bench.markdown import replace_section
+from coordinator.bench.markdown import table as markdown_table
 from coordinator.embedded import resolve_dsn
 from coordinator.scratchdb import fresh_database
 from statemachine import Migration, MigrationStatus, Phase
@@ -247,23 +248,13 @@ def table(rows: Sequence[FleetRow]) -> Table:
 def markdown(rows: Sequence[FleetRow], header: Sequence[str]) -> str:
     """The measured part of the fleet section (without the markers)."""
 
-    def line(cells: Sequence[str]) -> str:
-        return "| " + " | ".join(cells) + " |"
-
-    lines = [line(_HEADERS), line(["---"] * len(_HEADERS)), *(line(_cells(r)) for r in rows)]
+    lines = markdown_table(_HEADERS, [_cells(r) for r in rows])
     return "\n".join([*header, "", *lines, ""])
 
 
 def write_section(path: Path, section: str) -> None:
     """Replace the text between the fleet markers; append a "## Fleet scale" section if none."""
-    block = f"{BEGIN_MARK}\n{section.rstrip()}\n{END_MARK}"
-    text = path.read_text() if path.exists() else ""
-    pattern = re.compile(re.escape(BEGIN_MARK) + r".*?" + re.escape(END_MARK), re.DOTALL)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: block, text, count=1)
-    else:
-        text = (text.rstrip() + "\n\n" if text.strip() else "") + f"{SECTION_TITLE}\n\n{block}\n"
-    path.write_text(text)
+    replace_section(path, section, begin=BEGIN_MARK, end=END_MARK, title=SECTION_TITLE)
 
 
 def _server_version(dsn: str) -> str:

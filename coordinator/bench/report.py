@@ -9,7 +9,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import math
-import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -18,6 +17,8 @@ from rich.table import Table
 from coordinator.bench.apploop import Sample
 from coordinator.bench.harness import DirectRun, LockstepRun, Traffic
 from coordinator.bench.heldlock import HoldRun
+from coordinator.bench.markdown import replace_section
+from coordinator.bench.markdown import table as markdown_table
 from statemachine.phases import MigrationStatus
 
 BEGIN_MARK = "<!-- bench-traffic:begin -->"
@@ -226,32 +227,18 @@ def hold_table(rows: Sequence[HoldRow]) -> Table:
     return table
 
 
-def _markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
-    def line(cells: Sequence[str]) -> str:
-        return "| " + " | ".join(c.replace("|", "\\|").replace("\n", " ") for c in cells) + " |"
-
-    return [line(headers), line(["---"] * len(headers)), *(line(r) for r in rows)]
-
-
 def markdown(
     recipes: Sequence[RecipeRow], holds: Sequence[HoldRow], *, header: Sequence[str]
 ) -> str:
     """The benchmark section for docs/benchmarks.md (without the markers)."""
     out = [*header, ""]
     if recipes:
-        out += [*_markdown_table(_RECIPE_HEADERS, [_recipe_cells(r) for r in recipes]), ""]
+        out += [*markdown_table(_RECIPE_HEADERS, [_recipe_cells(r) for r in recipes]), ""]
     if holds:
-        out += [*_markdown_table(_HOLD_HEADERS, [_hold_cells(r) for r in holds]), ""]
+        out += [*markdown_table(_HOLD_HEADERS, [_hold_cells(r) for r in holds]), ""]
     return "\n".join(out)
 
 
 def write_section(path: Path, section: str) -> None:
     """Replace the text between the benchmark markers in `path` (append them if missing)."""
-    block = f"{BEGIN_MARK}\n{section.rstrip()}\n{END_MARK}"
-    text = path.read_text() if path.exists() else ""
-    pattern = re.compile(re.escape(BEGIN_MARK) + r".*?" + re.escape(END_MARK), re.DOTALL)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: block, text, count=1)
-    else:
-        text = (text.rstrip() + "\n\n" if text.strip() else "") + block + "\n"
-    path.write_text(text)
+    replace_section(path, section, begin=BEGIN_MARK, end=END_MARK)
