@@ -31,6 +31,7 @@ from coordinator.runner import MigrationRun, check_lint, resolve_rollback
 from statemachine.exceptions import unwrap_single_group
 from statemachine.ledger import AckOutcome
 from statemachine.migration import Migration
+from statemachine.phases import MigrationStatus
 from statemachine.protocol import Ack, Nack
 from statemachine.result import MigrationResult
 
@@ -133,7 +134,7 @@ class Coordinator:
                 self._active = None
                 with trio.CancelScope(shield=True):
                     await self.history.record_finish(migration, run.result())
-            if result.status.value == "completed":
+            if result.status is MigrationStatus.COMPLETED:
                 self._applied.append(migration.name)
             self.events.emit(MigrationFinished(migration.name, result.status, result.reason))
             return result
@@ -152,7 +153,7 @@ class Coordinator:
                 continue
             result = await self.run_migration(migration, force=force)
             results.append(result)
-            if result.status.value != "completed":
+            if result.status is not MigrationStatus.COMPLETED:
                 break
         return results
 

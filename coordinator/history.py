@@ -21,6 +21,7 @@ import trio
 
 from coordinator import pgthread
 from statemachine.migration import Migration
+from statemachine.phases import MigrationStatus
 from statemachine.result import MigrationResult
 
 #: Key of the advisory lock (the bytes "lockstep" read as a signed 64-bit integer).
@@ -93,7 +94,7 @@ class InMemoryHistory:
         return [
             AppliedMigration(m.name, checksum(m))
             for m, r in self.rows.values()
-            if r is not None and r.status.value == "completed"
+            if r is not None and r.status is MigrationStatus.COMPLETED
         ]
 
     async def record_start(self, migration: Migration) -> None:
