@@ -24,7 +24,7 @@ help:
 	@echo "make install        create $(VENV) and install lockstep with its dev extras"
 	@echo "make test           run the test suite (PYTEST_ARGS='...' passes options to pytest)"
 	@echo "make test-thorough  the property tests with many more examples (minutes)"
-	@echo "make lint           ruff check, ruff format --check, mypy"
+	@echo "make lint           ruff check, ruff format --check, mypy, import contracts"
 	@echo "make format         ruff format and ruff check --fix"
 	@echo "make demo           run 'lockstep demo' (ARGS='...' passes options)"
 	@echo "make bench-traffic  run the traffic benchmark (ARGS='...' passes options)"
@@ -44,7 +44,7 @@ $(STAMP): pyproject.toml
 	  echo "error: $(VENV) was made with $$($(BIN)/python -V 2>&1); lockstep needs >= 3.11." \
 	    "Remove it ('make distclean') and retry." >&2; exit 1; }
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -e '.[coordinator,dev]'
 	@touch $@
 
 install: $(STAMP)
@@ -57,23 +57,24 @@ test: $(STAMP)
 
 # The property tests with ten times the examples and a 4-agent exhaustive walk (minutes).
 test-thorough: $(STAMP)
-	$(BIN)/python -m pytest tests/properties tests/test_exhaustive.py tests/sql \
+	$(BIN)/python -m pytest tests/properties tests/statemachine \
 	  --hypothesis-profile=thorough $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 format: $(STAMP)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
 bench-traffic: $(STAMP)
-	$(BIN)/python -m coordinator.bench.traffic $(ARGS)
+	$(BIN)/python -m tests.bench.traffic $(ARGS)
 
 bench-fleet: $(STAMP)
-	$(BIN)/python -m coordinator.bench.fleet $(ARGS)
+	$(BIN)/python -m tests.bench.fleet $(ARGS)
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis

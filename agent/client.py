@@ -26,7 +26,7 @@ from trio_websocket import (
 
 from agent.inflight import InFlight
 from statemachine.agent_fsm import AgentMachine, AgentState, Hook
-from statemachine.exceptions import unwrap_single_group
+from statemachine.exceptions import LockstepError, unwrap_single_group
 from statemachine.phases import Phase
 from statemachine.protocol import (
     PROTOCOL_VERSION,
@@ -59,16 +59,18 @@ class MigrationInfo:
 HookFn = Callable[[MigrationInfo], Awaitable[object]]
 
 
-class AgentError(Exception):
-    """Base class of the errors `open_agent` raises at connect time."""
+class AgentError(LockstepError):
+    """Base class of the errors `open_agent` raises at connect time (see the subclasses)."""
 
 
 class CoordinatorUnreachable(AgentError):
-    """The coordinator could not be reached (nothing listening, DNS, HTTP refusal...)."""
+    """Raised by `open_agent` when the coordinator cannot be reached on the first connect
+    (nothing listening, DNS, TLS, an HTTP refusal of the upgrade...)."""
 
 
 class HandshakeRejected(AgentError):
-    """The coordinator answered the hello with an error (version, token, duplicate id)."""
+    """Raised by `open_agent` when the coordinator answered the hello with an error (protocol
+    version, token, duplicate id); retrying would be refused the same way."""
 
     def __init__(self, code: str, message: str) -> None:
         super().__init__(f"coordinator rejected the handshake: {code}: {message}")

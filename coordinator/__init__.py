@@ -1,10 +1,42 @@
-"""The lockstep coordinator: serves agents over WebSocket and drives migrations (trio)."""
+"""The lockstep coordinator: serves agents over WebSocket and drives migrations (trio).
 
-from coordinator.backfill import BackfillProgress
-from coordinator.core import Coordinator, open_coordinator, serve_coordinator
-from coordinator.executor import Executor, LockRetry, PostgresExecutor, RetryPolicy, SqlFailure
-from coordinator.history import AlreadyApplied, InMemoryHistory, PostgresHistory
-from coordinator.runner import MigrationRejected
+Needs the ``coordinator`` extra (``pip install 'lockstep[coordinator]'``): psycopg, pglast
+and rich are not installed for applications that only embed an agent. The public names are
+imported lazily so that `coordinator.cli` can say exactly what is missing instead of failing
+with an ImportError traceback.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from coordinator.backfill import BackfillProgress
+    from coordinator.core import Coordinator, open_coordinator, serve_coordinator
+    from coordinator.executor import Executor, PostgresExecutor
+    from coordinator.history import InMemoryHistory, PostgresHistory
+    from coordinator.pg.attempts import LockRetry, RetryPolicy
+    from coordinator.pg.errors import SqlFailure
+    from statemachine.exceptions import AlreadyApplied
+    from statemachine.gate import MigrationRejected
+
+#: Public name -> the module that defines it.
+_EXPORTS = {
+    "AlreadyApplied": "statemachine.exceptions",
+    "BackfillProgress": "coordinator.backfill",
+    "Coordinator": "coordinator.core",
+    "Executor": "coordinator.executor",
+    "InMemoryHistory": "coordinator.history",
+    "LockRetry": "coordinator.pg.attempts",
+    "MigrationRejected": "statemachine.gate",
+    "PostgresExecutor": "coordinator.executor",
+    "PostgresHistory": "coordinator.history",
+    "RetryPolicy": "coordinator.pg.attempts",
+    "SqlFailure": "coordinator.pg.errors",
+    "open_coordinator": "coordinator.core",
+    "serve_coordinator": "coordinator.core",
+}
 
 __all__ = [
     "AlreadyApplied",
@@ -21,3 +53,10 @@ __all__ = [
     "open_coordinator",
     "serve_coordinator",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'coordinator' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)

@@ -32,20 +32,18 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import psycopg
 import trio
 
-from coordinator.events import SqlProgress
-from coordinator.executor import Reporter, SqlFailure
+from coordinator.events import Reporter, SqlProgress
+from coordinator.pg.attempts import AttemptOutcome, LockSafeSession
+from coordinator.pg.errors import SqlFailure
 from statemachine.migration import Backfill
 from statemachine.phases import Phase
 from statemachine.result import BackfillStats
 from statemachine.sql import SqlSyntaxError, parse_statement
-
-if TYPE_CHECKING:
-    from coordinator.executor import AttemptOutcome, PostgresExecutor
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,7 +138,7 @@ def _batch_work(sql_text: str, params: dict[str, Any], display: str) -> _Work:
 
 
 async def run_backfill(
-    executor: PostgresExecutor, backfill: Backfill, report: Reporter
+    session: LockSafeSession, backfill: Backfill, report: Reporter
 ) -> BackfillStats:
     """Update every matching row in batches; raise `BackfillFailed` if a batch fails."""
     query = batch_query(backfill)
@@ -169,11 +167,11 @@ async def run_backfill(
             work = _batch_work(query.next, params, query.display)
 
         async def attempt(work: _Work = work) -> AttemptOutcome[tuple[Any, int, int]]:
-            return await executor.transaction_attempt([query.display], work)
+            return await session.transaction_attempt([query.display], work)
 
         label = f"backfill {backfill.table} batch {batches + 1}"
         try:
-            value = await executor.with_lock_retries(
+            value = await session.with_lock_retries(
                 Phase.EXECUTE, label, [query.checked], attempt, record, report
             )
         except SqlFailure as exc:

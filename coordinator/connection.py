@@ -2,7 +2,11 @@
 
 Every frame an agent sends is parsed here (`statemachine.protocol.decode_agent_message`).
 `serve_connection` never lets an exception escape: trio-websocket would otherwise cancel the
-whole server (DESIGN.md section 5), so one bad client can only ever close its own connection.
+whole server (see docs/design.md), so one bad client can only ever close its own connection.
+
+The connection knows the coordinator only through the `ConnectionHost` protocol (the fleet,
+the events, the settings and where answers go), so this module does not import
+`coordinator.core` and the two cannot grow into each other.
 """
 
 from __future__ import annotations
@@ -11,13 +15,13 @@ import contextlib
 import logging
 import math
 import time
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
-from coordinator.events import AgentJoined, AgentLeft, BadFrame
-from coordinator.fleet import OUTBOX_SIZE, AgentLink, DuplicateAgent
+from coordinator.events import AgentJoined, AgentLeft, BadFrame, EventBus
+from coordinator.fleet import OUTBOX_SIZE, AgentLink, DuplicateAgent, Fleet
 from statemachine.ledger import AckOutcome
 from statemachine.protocol import (
     CLOSE_DUPLICATE_AGENT,
@@ -36,10 +40,31 @@ from statemachine.protocol import (
     encode,
 )
 
-if TYPE_CHECKING:
-    from coordinator.core import Coordinator
-
 log = logging.getLogger("lockstep.coordinator")
+
+
+class ConnectionHost(Protocol):
+    """What a connection needs from the coordinator that accepted it."""
+
+    fleet: Fleet
+    events: EventBus
+    heartbeat_interval: float
+    handshake_timeout: float
+    token: str | None
+
+    def applied_names(self) -> list[str]:
+        """Migrations a joining agent must treat as applied (the Welcome's list)."""
+        ...
+
+    def agent_joined(self, agent_id: str) -> None: ...
+
+    def agent_left(self, agent_id: str) -> None: ...
+
+    def is_active_migration(self, migration_id: str) -> bool: ...
+
+    def route_ack(self, agent_id: str, ack: Ack) -> AckOutcome: ...
+
+    def route_nack(self, agent_id: str, nack: Nack) -> AckOutcome: ...
 
 
 class _Refused(Exception):
@@ -63,7 +88,7 @@ async def _refuse(ws: WebSocketConnection, refused: _Refused) -> None:
         await ws.aclose(refused.close_code, refused.message[:120])
 
 
-async def serve_connection(coordinator: Coordinator, ws: WebSocketConnection) -> None:
+async def serve_connection(coordinator: ConnectionHost, ws: WebSocketConnection) -> None:
     """Handle one accepted connection until it closes; never raises (except Cancelled)."""
     remote = _remote(ws)
     try:
@@ -139,7 +164,7 @@ def _wire_interval(interval: float) -> float:
     return interval if math.isfinite(interval) and interval > 0 else 0.0
 
 
-async def _handshake(coordinator: Coordinator, ws: WebSocketConnection) -> Hello:
+async def _handshake(coordinator: ConnectionHost, ws: WebSocketConnection) -> Hello:
     try:
         with trio.fail_after(coordinator.handshake_timeout):
             frame = await ws.get_message()
@@ -166,7 +191,9 @@ async def _handshake(coordinator: Coordinator, ws: WebSocketConnection) -> Hello
     return msg
 
 
-async def _read_frames(coordinator: Coordinator, ws: WebSocketConnection, link: AgentLink) -> None:
+async def _read_frames(
+    coordinator: ConnectionHost, ws: WebSocketConnection, link: AgentLink
+) -> None:
     agent_id = link.agent_id
     while True:
         try:
@@ -201,7 +228,7 @@ async def _read_frames(coordinator: Coordinator, ws: WebSocketConnection, link: 
             )
 
 
-def _reply_error(coordinator: Coordinator, link: AgentLink, code: str, message: str) -> None:
+def _reply_error(coordinator: ConnectionHost, link: AgentLink, code: str, message: str) -> None:
     coordinator.events.emit(BadFrame(link.agent_id, link.remote, code, message))
     log.info("agent %s: %s: %s", link.agent_id, code, message)
     coordinator.fleet.send(link.agent_id, encode(Error(code=code, message=message)))

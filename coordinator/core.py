@@ -18,28 +18,25 @@ from trio_websocket import WebSocketConnection, WebSocketRequest, serve_websocke
 
 from coordinator.connection import serve_connection
 from coordinator.events import EventBus, MigrationFinished, Subscriber
-from coordinator.executor import (
-    DEFAULT_STATEMENT_TIMEOUT,
-    Executor,
-    PostgresExecutor,
-    RetryPolicy,
-)
+from coordinator.executor import Executor, PostgresExecutor
 from coordinator.fleet import Fleet
-from coordinator.history import AlreadyApplied, History, InMemoryHistory, PostgresHistory, checksum
-from coordinator.runner import MigrationRejected as MigrationRejected  # re-exported
-from coordinator.runner import MigrationRun, check_lint, resolve_rollback
-from statemachine.exceptions import unwrap_single_group
+from coordinator.history import History, InMemoryHistory, PostgresHistory, checksum
+from coordinator.pg.attempts import DEFAULT_STATEMENT_TIMEOUT, RetryPolicy
+from coordinator.runner import MigrationRun
+from statemachine.exceptions import AlreadyApplied, unwrap_single_group
+from statemachine.gate import admit
 from statemachine.ledger import AckOutcome
 from statemachine.migration import Migration
 from statemachine.phases import MigrationStatus
 from statemachine.protocol import Ack, Nack
 from statemachine.result import MigrationResult
+from statemachine.sql import build_plan
 
 log = logging.getLogger("lockstep.coordinator")
 
 
 class Coordinator:
-    """Holds the fleet and runs migrations one at a time (DESIGN.md invariant 5).
+    """Holds the fleet and runs migrations one at a time (invariant 5 in docs/design.md).
 
     Build it with `open_coordinator`; construct it directly only to drive it over your own
     transport (the property tests hand it in-memory WebSocket connections).
@@ -91,22 +88,23 @@ class Coordinator:
     async def run_migration(self, migration: Migration, *, force: bool = False) -> MigrationResult:
         """Run `migration` through every phase; waits its turn if another one is running.
 
-        Lint runs first: errors raise `MigrationRejected` (nothing runs, nothing is recorded)
-        unless `force`; warnings go to the result's warnings. Without `rollback_sql`, one is
+        The migration is planned first (`statemachine.sql.build_plan`, what ``lockstep plan``
+        prints): the executor runs exactly the plan's groups. SQL that does not parse, or a
+        lint error unless `force`, raises `MigrationRejected` (nothing runs, nothing is
+        recorded); warnings go to the result's warnings. Without `rollback_sql`, one is
         derived when every statement has a safe inverse; otherwise a failure after EXECUTE
         leaves the schema expanded and the result's warnings say why.
 
         Returns the result whether it completed or rolled back; raises only for misuse
         (`MigrationRejected`, `AlreadyApplied` when the name already completed here).
         """
-        lint_warnings = check_lint(migration, force=force)
+        plan = build_plan(migration)
+        lint_warnings = admit(plan, force=force)
         for warning in lint_warnings:
             log.warning("%s: %s", migration.name, warning)
-        rollback = resolve_rollback(migration)
-        if rollback.source == "derived":
-            log.info(
-                "%s: derived rollback_sql: %s", migration.name, "; ".join(rollback.statements or ())
-            )
+        if plan.rollback.source == "derived":
+            derived = [s for g in plan.rollback.phase.groups for s in g.statements]
+            log.info("%s: derived rollback_sql: %s", migration.name, "; ".join(derived))
         async with self._queue, self.history.migration_lock():
             await self.load_history()
             applied = {a.name: a.checksum for a in await self.history.applied()}
@@ -118,12 +116,11 @@ class Coordinator:
                 )
             run = MigrationRun(
                 migration,
+                plan,
                 fleet=self.fleet,
                 executor=self.executor,
                 events=self.events,
                 ack_timeout=self.ack_timeout,
-                rollback_sql=rollback.statements,
-                rollback_note=rollback.note,
                 warnings=lint_warnings,
             )
             await self.history.record_start(migration)

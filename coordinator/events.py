@@ -98,3 +98,23 @@ class EventBus:
                 subscriber(event)
             except Exception:
                 log.exception("event subscriber %r failed on %r", subscriber, event)
+
+
+@dataclasses.dataclass(frozen=True)
+class Reporter:
+    """Where SQL work reports progress: the migration's name and the coordinator's events.
+
+    Each report is logged as well as emitted, so a coordinator without subscribers still
+    leaves a trail of what its SQL did.
+    """
+
+    migration: str
+    emit: Callable[[Event], None] | None = None
+
+    def event(self, event: SqlProgress, level: int = logging.INFO) -> None:
+        log.log(level, "%s %s: %s", event.migration or "-", event.phase.name, event.message)
+        if self.emit is not None:
+            self.emit(event)
+
+    def say(self, phase: Phase, message: str) -> None:
+        self.event(SqlProgress(self.migration, phase, message))

@@ -14,6 +14,8 @@ from collections.abc import Iterable, Iterator
 
 import trio
 
+from statemachine.exceptions import LockstepError
+
 log = logging.getLogger("lockstep.coordinator")
 
 OUTBOX_SIZE = 64
@@ -37,8 +39,9 @@ class AgentLink:
             self.kick.set()
 
 
-class DuplicateAgent(Exception):
-    pass
+class DuplicateAgent(LockstepError):
+    """Raised by `Fleet.add` when an agent with that id is already connected (the newcomer is
+    refused with close code 4009; the connected one keeps its place)."""
 
 
 class Fleet:

@@ -4,7 +4,7 @@ Like Flyway's schema history, every migration lockstep runs leaves a row in
 `lockstep.migrations` (status, phases, reason, checksum of its SQL). The coordinator reads the
 completed names at start-up to tell joining agents which query set to use, and refuses to run a
 name twice. A session advisory lock, held on its own connection for the whole migration, makes
-a second coordinator on the same database wait its turn (DESIGN.md invariant 5).
+a second coordinator on the same database wait its turn (invariant 5 in docs/design.md).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 import trio
 
-from coordinator import pgthread
+from coordinator.pg import thread as pgthread
 from statemachine.migration import Migration
 from statemachine.phases import MigrationStatus
 from statemachine.result import MigrationResult
@@ -67,10 +67,6 @@ class HistoryRow:
     finished_at: datetime.datetime | None
     reason: str | None
     schema_restored: bool | None
-
-
-class AlreadyApplied(Exception):
-    """`run_migration` was given a migration whose name already completed."""
 
 
 class History(Protocol):
@@ -200,7 +196,6 @@ class PostgresHistory:
 
 __all__ = [
     "ADVISORY_LOCK_KEY",
-    "AlreadyApplied",
     "AppliedMigration",
     "History",
     "HistoryRow",

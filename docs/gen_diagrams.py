@@ -1,6 +1,6 @@
 """Regenerate docs/diagrams/ from the transition tables: ``python docs/gen_diagrams.py [--check]``.
 
-The same code as ``lockstep diagram`` (`coordinator.commands.diagram`), pinned to this folder so
+The same code as ``lockstep diagram`` (`coordinator.cli.commands.diagram`), pinned to this folder so
 it works from any working directory. ``--check`` writes nothing and exits 1 when a committed
 diagram differs from what the code generates.
 """

@@ -28,6 +28,7 @@ from typing import Any, Literal
 from transitions.extensions import GraphMachine
 
 from statemachine.agent_fsm import AGENT_TRANSITIONS, AgentState
+from statemachine.exceptions import LockstepError
 from statemachine.migration_fsm import GUARD_DESCRIPTIONS, MIGRATION_TRANSITIONS
 from statemachine.phases import MigrationState
 
@@ -35,8 +36,8 @@ from statemachine.phases import MigrationState
 REFRESH_COMMAND = "lockstep diagram"  # from the repository root; or python docs/gen_diagrams.py
 
 
-class DiagramError(RuntimeError):
-    """A diagram cannot be produced here (for SVG: pygraphviz is not installed)."""
+class DiagramError(LockstepError, RuntimeError):
+    """Raised when a diagram cannot be produced here (for SVG: pygraphviz is not installed)."""
 
 
 @dataclasses.dataclass(frozen=True)

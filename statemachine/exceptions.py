@@ -1,9 +1,36 @@
-"""Exception helpers shared by the coordinator and the agent (pure Python, no trio)."""
+"""Every lockstep exception derives from `LockstepError`; this module holds the base and the
+errors of the pure core that several packages raise.
+
+Why one base: a host program embedding the coordinator or an agent can ``except LockstepError``
+to tell lockstep's own, expected failures (bad input, a refused migration, an unreachable
+coordinator) from bugs. Each class says when it is raised. Errors that belong to one layer
+live beside the code that raises them and derive from this base too:
+
+- `statemachine.gate.MigrationRejected`, `statemachine.migration.InvalidMigration`,
+  `statemachine.protocol.ProtocolError`,
+  `statemachine.diagrams.DiagramError`, and the SQL analysis errors in `statemachine.sql`;
+- `coordinator.pg.errors.SqlFailure` (and `coordinator.backfill.BackfillFailed`),
+  `coordinator.fleet.DuplicateAgent`;
+- `agent.client.AgentError` (`CoordinatorUnreachable`, `HandshakeRejected`);
+- the command line's `coordinator.cli.commands.CommandError` and the errors it wraps.
+
+`unwrap_single_group` lives here too: it is how those errors reach users as themselves
+instead of inside one of trio's exception groups.
+"""
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+
+
+class LockstepError(Exception):
+    """Base of every exception lockstep raises on purpose."""
+
+
+class AlreadyApplied(LockstepError):
+    """Raised by `run_migration` when a migration of that name already completed on this
+    database (the message says whether its SQL changed since)."""
 
 
 @contextlib.contextmanager

@@ -7,11 +7,13 @@ import re
 import uuid
 from collections.abc import Iterable, Sequence
 
+from statemachine.exceptions import LockstepError
+
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 
 
-class InvalidMigration(ValueError):
-    """A `Migration` or `Backfill` was built with values that cannot work."""
+class InvalidMigration(LockstepError, ValueError):
+    """Raised when a `Migration` or `Backfill` is built with values that cannot work."""
 
 
 @dataclasses.dataclass(frozen=True)

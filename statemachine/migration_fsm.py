@@ -1,18 +1,26 @@
 """The coordinator's state machine for one migration: where every phase is decided.
 
-The machine is a plain synchronous `transitions.Machine` (see DESIGN.md: `AsyncMachine` does not
-run under trio). It performs no I/O: the runner in `coordinator/runner.py` feeds it acks, NACKs,
-disconnects, deadlines and SQL outcomes, and reads back the state to know what to do next. The
-guards look only at the current phase's `AckLedger`, so the rules below are the whole story:
+The machine is a plain synchronous `transitions.Machine` (`AsyncMachine` does not run under trio:
+see docs/design.md). It performs no I/O: the runner in `coordinator/runner.py` feeds it acks,
+NACKs, disconnects, deadlines and SQL outcomes, and reads back the state to know what to do
+next. The guards look only at the current phase's `AckLedger`, so the rules below are the whole
+story:
 
     PENDING --start--> ANNOUNCE --cohort_acked [cohort_complete]--> EXECUTE
     EXECUTE --sql_committed--> APPLY
     APPLY --cohort_acked [cohort_complete, contract_planned]--> CONTRACT
     APPLY --cohort_acked [cohort_complete, unless contract_planned]--> CONFIRM
     CONTRACT --sql_committed--> CONFIRM --finish--> COMPLETED
-    ANNOUNCE/APPLY --refused [cohort_failed] | deadline [unless cohort_complete]--> ROLLBACK
+    ANNOUNCE/APPLY --refused [cohort_failed] | timed_out [unless cohort_complete]--> ROLLBACK
     EXECUTE/CONTRACT --sql_failed--> ROLLBACK --finish--> FAILED
     ANNOUNCE/EXECUTE/APPLY/CONTRACT --cancel--> ROLLBACK   (the host cancelled the run)
+
+Inputs, one verb each: the driver calls `start`, `receive_ack`, `receive_nack`,
+`agent_connected`, `agent_disconnected`, `deadline_passed`, `expand_committed`,
+`sql_committed`, `sql_failed`, `cancel` and `finish`. `start`, `sql_committed`, `sql_failed`,
+`cancel` and `finish` are transitions of the table themselves; `cohort_acked`, `refused` and
+`timed_out` are the machine's own decisions, fired from inside the answer inputs, never by a
+driver.
 
 Cohorts: each acked phase's cohort is the set of agents connected when the phase begins, so an
 agent that joins during ANNOUNCE or EXECUTE must still ack APPLY before CONTRACT may run.
@@ -30,25 +38,34 @@ from transitions import EventData, Machine
 
 from statemachine.failure import Failure, FailureKind
 from statemachine.ledger import AckLedger, AckOutcome
-from statemachine.phases import ACKED_PHASES, MigrationState, Phase
+from statemachine.phases import (
+    ACKED_PHASES,
+    APPLIED_STATES,
+    CANCELLABLE_STATES,
+    REFUSABLE_STATES,
+    MigrationState,
+    MigrationStatus,
+    Phase,
+)
 
 S = MigrationState
 
-#: Phases whose failure (NACK, loss, deadline) rolls the migration back.
-_ROLLBACK_ON_REFUSAL = (S.ANNOUNCE, S.APPLY)
-#: States reached only after the point of no return (CONTRACT committed or nothing to undo).
-_FORWARD_ONLY = (S.CONFIRM, S.COMPLETED)
-
 #: The transition table, shared by the runtime machine and the rendered diagrams.
 MIGRATION_TRANSITIONS: list[dict[str, Any]] = [
-    {"trigger": "start", "source": S.PENDING, "dest": S.ANNOUNCE},
+    {"trigger": "start", "source": S.PENDING, "dest": S.ANNOUNCE, "after": "_advance"},
     {
         "trigger": "cohort_acked",
         "source": S.ANNOUNCE,
         "dest": S.EXECUTE,
         "conditions": "cohort_complete",
     },
-    {"trigger": "sql_committed", "source": S.EXECUTE, "dest": S.APPLY, "before": "_mark_executed"},
+    {
+        "trigger": "sql_committed",
+        "source": S.EXECUTE,
+        "dest": S.APPLY,
+        "before": "_mark_executed",
+        "after": "_advance",
+    },
     {
         "trigger": "cohort_acked",
         "source": S.APPLY,
@@ -70,14 +87,14 @@ MIGRATION_TRANSITIONS: list[dict[str, Any]] = [
     },
     {
         "trigger": "refused",
-        "source": [S.ANNOUNCE, S.APPLY],
+        "source": sorted(REFUSABLE_STATES, key=list(S).index),
         "dest": S.ROLLBACK,
         "conditions": "cohort_failed",
         "before": "_set_failure",
     },
     {
-        "trigger": "deadline",
-        "source": [S.ANNOUNCE, S.APPLY],
+        "trigger": "timed_out",
+        "source": sorted(REFUSABLE_STATES, key=list(S).index),
         "dest": S.ROLLBACK,
         "unless": "cohort_complete",
         "before": "_set_failure",
@@ -86,16 +103,16 @@ MIGRATION_TRANSITIONS: list[dict[str, Any]] = [
         "trigger": "sql_failed",
         "source": [S.EXECUTE, S.CONTRACT],
         "dest": S.ROLLBACK,
-        "before": "_set_failure",
+        "before": "_sql_failure",
     },
     {
         "trigger": "cancel",
-        "source": [S.ANNOUNCE, S.EXECUTE, S.APPLY, S.CONTRACT],
+        "source": sorted(CANCELLABLE_STATES, key=list(S).index),
         "dest": S.ROLLBACK,
-        "before": "_set_failure",
+        "before": "_cancel_failure",
     },
     {"trigger": "finish", "source": S.CONFIRM, "dest": S.COMPLETED},
-    {"trigger": "finish", "source": S.ROLLBACK, "dest": S.FAILED},
+    {"trigger": "finish", "source": S.ROLLBACK, "dest": S.FAILED, "before": "_record_restore"},
 ]
 
 #: What each guard checks, in words, for docs and diagrams.
@@ -115,10 +132,11 @@ class StateRecord:
 class MigrationMachine:
     """State, ledgers and history of one migration; triggers are bound by `transitions`.
 
-    Drive it with the `receive_*`, `agent_*`, `deadline_passed`, `sql_*` and `finish_*`
-    methods: they accept any input in any state (answers that no longer matter are recorded as
-    STALE/CLOSED and change nothing) and advance the machine when a guard allows it. The raw
-    triggers (`start`, `cohort_acked`, ...) stay strict and raise `MachineError` when misused.
+    The inputs (module docstring) are the whole driving API. The answer inputs accept
+    anything in any state (answers that no longer matter are recorded as STALE/CLOSED and
+    change nothing) and advance the machine when a guard allows it; the transition inputs
+    (`start`, `sql_committed`, `sql_failed`, `cancel`, `finish`) are strict and raise
+    `MachineError` in a state that has no such transition (`may_cancel()` asks first).
     """
 
     state: MigrationState
@@ -128,9 +146,10 @@ class MigrationMachine:
     sql_committed: Callable[..., bool]
     sql_failed: Callable[..., bool]
     refused: Callable[..., bool]
-    deadline: Callable[..., bool]
+    timed_out: Callable[..., bool]
     finish: Callable[..., bool]
     cancel: Callable[..., bool]
+    may_cancel: Callable[[], bool]
 
     def __init__(
         self,
@@ -155,12 +174,13 @@ class MigrationMachine:
         self.history: list[StateRecord] = [StateRecord(S.PENDING, clock())]
         self.machine = Machine(
             model=self,
-            states=list(MigrationState),
+            # `_entered` runs on entering every state, before a transition's `after`
+            # callbacks, so `_advance` already sees the new phase's ledger.
+            states=[{"name": state, "on_enter": "_entered"} for state in MigrationState],
             initial=S.PENDING,
             transitions=MIGRATION_TRANSITIONS,
             auto_transitions=False,
             send_event=True,
-            after_state_change="_entered",
         )
 
     # ----------------------------------------------------------------- guards
@@ -188,6 +208,45 @@ class MigrationMachine:
             raise TypeError(f"{event.event.name} needs failure=Failure(...)")
         if self.failure is None:
             self.failure = failure
+
+    def _sql_failure(self, event: EventData) -> None:
+        """A phase's SQL failed; the partial-commit rule decides what ROLLBACK must undo.
+
+        Autocommit statements make a phase non-atomic: the groups that committed before the
+        failure stay. In EXECUTE that means the schema is (partly) expanded, so ROLLBACK must
+        run rollback_sql (derived rollbacks use IF EXISTS, so they undo a partial run too); in
+        CONTRACT nothing can restore what a destructive group did, which the result says.
+        """
+        if "message" not in event.kwargs:
+            raise TypeError("sql_failed needs message=... (and statement=, committed_groups=)")
+        committed = int(event.kwargs.get("committed_groups", 0))
+        phase = self.state.phase
+        if committed:
+            if self.state is S.EXECUTE:
+                self.executed = True
+            else:
+                self.warnings.append(
+                    f"{self.state.name} failed after {committed} of its execution group(s) "
+                    "committed; rollback_sql cannot restore what they changed"
+                )
+        message = str(event.kwargs["message"])
+        statement = event.kwargs.get("statement")
+        self._set_failure_once(Failure(FailureKind.SQL_ERROR, phase, message, statement=statement))
+
+    def _cancel_failure(self, event: EventData) -> None:
+        message = str(event.kwargs.get("message", "the migration was cancelled by its host"))
+        self._set_failure_once(Failure(FailureKind.CANCELLED, self.state.phase, message))
+
+    def _set_failure_once(self, failure: Failure) -> None:
+        if self.failure is None:
+            self.failure = failure
+
+    def _record_restore(self, event: EventData) -> None:
+        """How ROLLBACK ended: `schema_restored` (None: nothing was committed) and a note."""
+        self.schema_restored = event.kwargs.get("schema_restored")
+        note = event.kwargs.get("note")
+        if note:
+            self.warnings.append(str(note))
 
     def _entered(self, event: EventData) -> None:
         self.history.append(StateRecord(self.state, self._clock()))
@@ -217,6 +276,10 @@ class MigrationMachine:
         return self.state.is_terminal
 
     @property
+    def status(self) -> MigrationStatus:
+        return self.state.status
+
+    @property
     def awaiting_acks(self) -> bool:
         """The runner should wait for answers (or the deadline) before doing anything."""
         ledger = self.ledger
@@ -231,19 +294,15 @@ class MigrationMachine:
     def applied(self) -> bool:
         """Agents joining now should run the new code: the expanded schema is committed and
         the migration is not rolling back."""
-        return self.state in (S.APPLY, S.CONTRACT, S.CONFIRM, S.COMPLETED)
+        return self.state in APPLIED_STATES
 
     # ------------------------------------------------------------------ inputs
-    def begin(self) -> None:
-        self.start()
-        self._advance_if_complete()
-
     def receive_ack(self, agent_id: str, migration_id: str, phase: Phase) -> AckOutcome:
         if migration_id != self.migration_id or self.ledger is None:
             return AckOutcome.STALE
         outcome = self.ledger.record_ack(agent_id, phase)
         if outcome is AckOutcome.RECORDED:
-            self._advance_if_complete()
+            self._advance()
         return outcome
 
     def receive_nack(
@@ -253,11 +312,7 @@ class MigrationMachine:
             return AckOutcome.STALE
         outcome = self.ledger.record_nack(agent_id, phase, error)
         if outcome is AckOutcome.RECORDED:
-            failure = Failure(FailureKind.NACK, phase, error, agents=(agent_id,))
-            if self.state in _ROLLBACK_ON_REFUSAL:
-                self.refused(failure=failure)
-            else:
-                self.warnings.append(failure.describe())
+            self._refuse(Failure(FailureKind.NACK, phase, error, agents=(agent_id,)))
         return outcome
 
     def agent_connected(self, agent_id: str) -> None:
@@ -270,13 +325,9 @@ class MigrationMachine:
         outcome = self.ledger.record_lost(agent_id)
         if outcome is AckOutcome.RECORDED:
             phase = self.ledger.phase
-            failure = Failure(
-                FailureKind.DISCONNECT, phase, "connection closed", agents=(agent_id,)
+            self._refuse(
+                Failure(FailureKind.DISCONNECT, phase, "connection closed", agents=(agent_id,))
             )
-            if self.state in _ROLLBACK_ON_REFUSAL:
-                self.refused(failure=failure)
-            else:
-                self.warnings.append(failure.describe())
         return outcome
 
     def deadline_passed(self, timeout: float) -> bool:
@@ -287,9 +338,9 @@ class MigrationMachine:
         missing = ledger.missing()
         self.unresponsive.update(missing)
         message = f"no ack within {timeout:g} s"
-        if self.state in _ROLLBACK_ON_REFUSAL:
+        if self.state in REFUSABLE_STATES:
             failure = Failure(FailureKind.TIMEOUT, ledger.phase, message, agents=tuple(missing))
-            return self.deadline(failure=failure)
+            return self.timed_out(failure=failure)
         if missing:
             self.warnings.append(
                 f"{ledger.phase.name}: agent(s) {', '.join(missing)} did not ack ({message})"
@@ -297,35 +348,20 @@ class MigrationMachine:
         ledger.closed = True
         return False
 
-    def sql_succeeded(self) -> None:
-        self.sql_committed()
-        self._advance_if_complete()
-
-    def sql_error(self, statement: str | None, message: str) -> None:
-        phase = self.state.phase
-        self.sql_failed(failure=Failure(FailureKind.SQL_ERROR, phase, message, statement=statement))
-
     def expand_committed(self) -> None:
-        """EXECUTE's transaction committed; backfills may still run before APPLY."""
+        """EXECUTE's transaction committed; backfills may still run before `sql_committed`."""
         self.executed = True
 
-    def cancelled(self, message: str) -> bool:
-        """The host cancelled the run: roll back whatever can still be rolled back."""
-        if self.state not in (S.ANNOUNCE, S.EXECUTE, S.APPLY, S.CONTRACT):
-            return False
-        return self.cancel(failure=Failure(FailureKind.CANCELLED, self.state.phase, message))
+    def _refuse(self, failure: Failure) -> None:
+        """A cohort agent refused (NACK) or was lost: roll back, or only warn after the point
+        where the migration goes forward whatever happens."""
+        if self.state in REFUSABLE_STATES:
+            self.refused(failure=failure)
+        else:
+            self.warnings.append(failure.describe())
 
-    def finish_confirm(self) -> None:
-        self.finish()
-
-    def finish_rollback(self, *, schema_restored: bool | None, note: str | None = None) -> None:
-        self.schema_restored = schema_restored
-        if note:
-            self.warnings.append(note)
-        self.finish()
-
-    def _advance_if_complete(self) -> None:
-        if self.state in _ROLLBACK_ON_REFUSAL and self.ledger is not None and self.ledger.complete:
+    def _advance(self, event: EventData | None = None) -> None:
+        if self.state in REFUSABLE_STATES and self.ledger is not None and self.ledger.complete:
             self.cohort_acked()
 
 

@@ -15,6 +15,7 @@ from typing import Annotated, Final
 
 import msgspec
 
+from statemachine.exceptions import LockstepError
 from statemachine.phases import Phase
 
 PROTOCOL_VERSION: Final = 1
@@ -88,8 +89,9 @@ AgentMessage = Hello | Ack | Nack
 CoordinatorMessage = Welcome | PhaseNotice | Error
 
 
-class ProtocolError(ValueError):
-    """A frame that is not a valid message; `code` is sent back in the Error frame."""
+class ProtocolError(LockstepError, ValueError):
+    """Raised by the decoders for a frame that is not a valid message; `code` is sent back in
+    the Error frame (or the close reason before the handshake)."""
 
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)

@@ -13,13 +13,13 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 
-# Registers the hypothesis profiles ("ci", "thorough") before hypothesis' plugin reads
-# --hypothesis-profile, so `pytest --hypothesis-profile=thorough` works from the repo root.
-import properties  # noqa: F401
 import pytest
 
-from coordinator.embedded import embedded_postgres_server
-from coordinator.scratchdb import fresh_database
+# Registers the hypothesis profiles ("ci", "thorough") before hypothesis' plugin reads
+# --hypothesis-profile, so `pytest --hypothesis-profile=thorough` works from the repo root.
+import tests.properties  # noqa: F401
+from coordinator.cli.embedded import embedded_postgres_server
+from tests.support.scratchdb import fresh_database
 
 TEST_DSN_ENV_VAR = "LOCKSTEP_TEST_DSN"
 

@@ -4,7 +4,7 @@ Importing this package registers two hypothesis profiles:
 
 - ``ci`` (the default here): a few seconds per test on a 2-core machine;
 - ``thorough``: ten times the examples, longer walks, and a 4-agent exhaustive walk in
-  `tests/test_exhaustive.py` (minutes).
+  `tests/properties/test_exhaustive.py` (minutes).
 
 Select one with ``--hypothesis-profile=thorough``. hypothesis' pytest plugin reads that option
 while pytest configures, so the profiles must be registered by then: that is the case when

@@ -2,7 +2,7 @@
 
 The migration walk feeds `MigrationMachine` what the outside world can say (acks in order,
 duplicated, for the wrong phase or migration, from strangers; NACKs, joins, disconnects,
-deadlines, SQL outcomes, cancels) and after every input `statemachine.exploration.Oracle`
+deadlines, SQL outcomes, cancels) and after every input `tests.support.exploration.Oracle`
 checks invariants I1-I4 and PATH (see that module): EXECUTE only after a complete ANNOUNCE ledger,
 APPLY only after EXECUTE committed, CONTRACT only after a complete APPLY ledger, every
 failure before CONTRACT commits ends FAILED through ROLLBACK, terminal states absorb, and the
@@ -28,7 +28,10 @@ from hypothesis.stateful import (
 from transitions import MachineError
 
 from statemachine.agent_fsm import AGENT_TRANSITIONS, AgentMachine, AgentState
-from statemachine.exploration import (
+from statemachine.failure import Failure, FailureKind
+from statemachine.migration_fsm import MigrationMachine
+from statemachine.phases import ACKED_PHASES, MigrationState, Phase
+from tests.support.exploration import (
     DOCUMENTED_EDGES,
     OTHER_MIGRATION,
     Acked,
@@ -45,9 +48,6 @@ from statemachine.exploration import (
     SqlOk,
     drive,
 )
-from statemachine.failure import Failure, FailureKind
-from statemachine.migration_fsm import MigrationMachine
-from statemachine.phases import ACKED_PHASES, MigrationState, Phase
 
 S = MigrationState
 AGENTS = ("a1", "a2", "a3", "a4")
@@ -61,7 +61,7 @@ RAW_TRIGGERS = (
     "sql_committed",
     "sql_failed",
     "refused",
-    "deadline",
+    "timed_out",
     "finish",
     "cancel",
 )

@@ -19,8 +19,8 @@ Nothing here asks the FSM's ledger whether it was right.
   with after FAILED (unless rollback SQL failed, which the result says) and with the change
   after COMPLETED.
 - AGREE: every still-connected agent agrees with the outcome (COMPLETED: is_applied; FAILED:
-  not, unless its own on_rollback hook raised, see `tests/test_agent_fsm.py`).
-- I5 (DESIGN.md's fifth) at most one migration in flight.
+  not, unless its own on_rollback hook raised, see `tests/statemachine/test_agent_fsm.py`).
+- I5 (the fifth of docs/design.md) at most one migration in flight.
 """
 
 from __future__ import annotations
@@ -36,10 +36,17 @@ from coordinator.events import (
     MigrationFinished,
     PhaseStarted,
 )
-from statemachine.exploration import DOCUMENTED_EDGES
 from statemachine.phases import MigrationState, MigrationStatus, Phase
-
-from .harness import AgentPlan, MigrationPlan, Received, Recording, Scenario, SqlCall, play
+from tests.support.exploration import DOCUMENTED_EDGES
+from tests.support.system_harness import (
+    AgentPlan,
+    MigrationPlan,
+    Received,
+    Recording,
+    Scenario,
+    SqlCall,
+    play,
+)
 
 S = MigrationState
 FLAKY = st.sampled_from([False, False, False, False, True])  # mostly well-behaved

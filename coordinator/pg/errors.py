@@ -1,0 +1,65 @@
+"""PostgreSQL errors as lockstep reports them: one line of text, and `SqlFailure`.
+
+Every layer that talks to PostgreSQL (executor, backfill, history, lock diagnosis, the
+command line's db check) turns a psycopg error into text with `pg_message`, so an operator
+reads the same wording wherever the failure surfaced.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import psycopg
+
+from statemachine.exceptions import LockstepError
+from statemachine.result import SqlAttempt
+
+if TYPE_CHECKING:
+    from coordinator.pg.locks import BlockingSession
+
+
+def pg_message(exc: psycopg.Error) -> str:
+    """PostgreSQL's primary message, its DETAIL and SQLSTATE, or libpq's text, on one line."""
+    diag = exc.diag
+    primary = diag.message_primary
+    if primary:
+        text = primary
+        if diag.message_detail:
+            text += f" (DETAIL: {diag.message_detail})"
+        if exc.sqlstate:
+            text += f" [SQLSTATE {exc.sqlstate}]"
+    else:
+        text = str(exc).removeprefix("connection failed: ")
+    lines = (" ".join(line.split()) for line in text.splitlines())
+    return "; ".join(line for line in lines if line) or type(exc).__name__
+
+
+class SqlFailure(LockstepError):
+    """Raised by an executor when a phase's SQL failed; the failing group was rolled back (or
+    dropped what it left), so the runner can decide what ROLLBACK must undo.
+
+    `committed_groups` counts the execution groups of the phase that committed before the
+    failure: 0 means nothing of the phase is left in the database.
+    """
+
+    def __init__(
+        self,
+        statement: str | None,
+        message: str,
+        *,
+        sqlstate: str | None = None,
+        attempts: Sequence[SqlAttempt] = (),
+        committed_groups: int = 0,
+        blockers: Sequence[BlockingSession] = (),
+    ) -> None:
+        super().__init__(f"{statement!r}: {message}" if statement else message)
+        self.statement = statement
+        self.message = message
+        self.sqlstate = sqlstate
+        self.attempts = tuple(attempts)
+        self.committed_groups = committed_groups
+        self.blockers = tuple(blockers)
+
+
+__all__ = ["SqlFailure", "pg_message"]

@@ -1,0 +1,263 @@
+"""`make bench-traffic`: every recipe under live traffic, with and without lockstep.
+
+    python -m tests.bench.traffic [--agents 8] [--hold 10] [--dsn URI] [--out FILE]
+
+For each recipe, in a fresh database: N application instances (each an agent plus a query loop
+on its own connection) query the database while the coordinator runs the recipe's migration;
+then the same SQL is applied directly while N old-code loops run. A second scenario holds a
+conflicting lock for --hold seconds and measures the application's longest stall with lockstep
+and with a plain ALTER TABLE. The exit status is 1 if lockstep let any application query fail,
+left a migration unfinished or the schema wrong; latency is reported, never asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import platform
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import psycopg
+import trio
+from rich.console import Console
+from rich.logging import RichHandler
+
+from coordinator.cli.embedded import resolve_dsn
+from coordinator.pg.attempts import RetryPolicy
+from tests.bench import harness, heldlock, recipes
+from tests.bench.report import (
+    HoldRow,
+    RecipeRow,
+    hold_row,
+    hold_table,
+    markdown,
+    recipe_row,
+    recipe_table,
+    write_section,
+)
+
+DEFAULT_OUT = Path(__file__).resolve().parents[2] / "docs" / "benchmarks.md"
+HOLD_RECIPE = "add_column"
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m tests.bench.traffic",
+        description=__doc__.split("\n\n")[0] if __doc__ else None,
+    )
+    p.add_argument("--dsn", help="PostgreSQL server to use (default: $LOCKSTEP_DSN or embedded)")
+    p.add_argument("--agents", type=_positive_int, default=8, help="instances (default 8)")
+    p.add_argument(
+        "--hold", type=_positive_float, default=10.0, help="seconds the lock is held (10)"
+    )
+    p.add_argument(
+        "--budget",
+        type=_positive_float,
+        default=3.0,
+        help="retry budget of the extra held-lock run that gives up (3 s; none if >= --hold)",
+    )
+    p.add_argument(
+        "--lock-timeout", type=_positive_float, default=0.5, help="lockstep's lock_timeout (0.5)"
+    )
+    p.add_argument(
+        "--baseline",
+        type=_non_negative_float,
+        default=2.0,
+        help="seconds of no-migration traffic measured before each migration (2)",
+    )
+    p.add_argument(
+        "--min-queries",
+        type=_positive_int,
+        default=20,
+        help="queries each instance serves before and after each migration (20)",
+    )
+    p.add_argument(
+        "--pause",
+        type=_non_negative_float,
+        default=0.002,
+        help="sleep between an instance's queries (0.002 s)",
+    )
+    p.add_argument(
+        "--recipes",
+        default=",".join(r.key for r in recipes.RECIPES),
+        help="comma-separated recipe keys (default: all)",
+    )
+    p.add_argument("--skip-direct", action="store_true", help="do not run without lockstep")
+    p.add_argument("--skip-hold", action="store_true", help="skip the held-lock scenario")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=DEFAULT_OUT,
+        help="markdown file whose benchmark section is replaced (default docs/benchmarks.md)",
+    )
+    p.add_argument("--no-write", action="store_true", help="print the markdown, write nothing")
+    p.add_argument(
+        "-v", "--verbose", action="store_true", help="show lockstep's log (lock retries...)"
+    )
+    return p
+
+
+def _selected(text: str) -> list[recipes.Recipe]:
+    try:
+        return [recipes.get(key.strip()) for key in text.split(",") if key.strip()]
+    except KeyError as exc:
+        raise SystemExit(f"error: {exc.args[0]}") from None
+
+
+def _server_version(dsn: str) -> str:
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute("SHOW server_version").fetchone()
+    return str(row[0]) if row else "?"
+
+
+async def _bench(
+    server: str, args: argparse.Namespace, selected: list[recipes.Recipe], console: Console
+) -> tuple[list[RecipeRow], list[HoldRow]]:
+    rows: list[RecipeRow] = []
+    for recipe in selected:
+        console.print(f"[bold]{recipe.title}[/] ({recipe.file})")
+        with harness.fresh_database(server) as dsn:
+            run = await harness.run_with_lockstep(
+                dsn,
+                recipe,
+                agents=args.agents,
+                baseline_seconds=args.baseline,
+                min_queries=args.min_queries,
+                pause=args.pause,
+                lock_timeout=args.lock_timeout,
+            )
+        for problem in run.schema_problems:
+            console.print(f"  [red]schema: {problem}[/]")
+        if run.result.reason:
+            console.print(f"  [red]migration: {run.result.reason}[/]")
+        for failure in run.traffic.failures[:3]:
+            console.print(f"  [red]query failed: {failure.error}[/]")
+        direct = None
+        if not args.skip_direct:
+            with harness.fresh_database(server) as dsn:
+                direct = await harness.run_direct(
+                    dsn,
+                    recipe,
+                    instances=args.agents,
+                    min_queries=args.min_queries,
+                    pause=args.pause,
+                )
+        row = recipe_row(run, direct)
+        console.print(
+            f"  lockstep: {row.status}, {row.queries} queries during, {row.failed} failed;"
+            f" without: {'-' if direct is None else row.direct_failed} failed"
+        )
+        rows.append(row)
+
+    holds: list[HoldRow] = []
+    if not args.skip_hold:
+        recipe = recipes.get(HOLD_RECIPE)
+        scenarios: list[tuple[str, bool, RetryPolicy | None]] = [
+            ("lockstep", True, None),
+            ("plain ALTER TABLE", False, None),
+        ]
+        if args.budget < args.hold:
+            budget = RetryPolicy(max_seconds=args.budget)
+            scenarios.insert(1, (f"lockstep, retry budget {args.budget:g} s", True, budget))
+        for label, lockstep, policy in scenarios:
+            console.print(f"[bold]Lock held for {args.hold:g}s[/], {label}")
+            with harness.fresh_database(server) as dsn:
+                hold = await heldlock.run_hold(
+                    dsn,
+                    recipe,
+                    lockstep=lockstep,
+                    hold=args.hold,
+                    agents=args.agents,
+                    min_queries=args.min_queries,
+                    pause=args.pause,
+                    lock_timeout=args.lock_timeout,
+                    lock_retry=policy,
+                )
+            holds.append(hold_row(hold, label))
+    return rows, holds
+
+
+def _command() -> str:
+    args = " ".join(sys.argv[1:])
+    return f"make bench-traffic ARGS='{args}'" if args else "make bench-traffic"
+
+
+def _header(args: argparse.Namespace, server: str, seconds: float) -> list[str]:
+    return [
+        f"Measured with `{_command()}`"
+        f" ({args.agents} agents, lock_timeout {args.lock_timeout:g} s,"
+        f" lock held {args.hold:g} s, PostgreSQL {_server_version(server)},"
+        f" {os.cpu_count()} CPUs, {platform.system()} {platform.machine()},"
+        f" {seconds:.0f} s in total).",
+    ]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    # Piped into a CI log there is no terminal width: wrap the wide tables at 200 columns,
+    # not rich's 80, so they stay readable.
+    console = Console() if sys.stdout.isatty() else Console(width=200)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.ERROR,
+        format="%(message)s",
+        handlers=[RichHandler(console=console, show_path=False)],
+    )
+    selected = _selected(args.recipes)
+    started = time.monotonic()
+    with resolve_dsn(args.dsn) as server:
+        rows, holds = trio.run(_bench, server, args, selected, console)
+        header = _header(args, server, time.monotonic() - started)
+    if rows:
+        console.print(recipe_table(rows))
+    if holds:
+        console.print(hold_table(holds))
+        target = args.lock_timeout * 1000 + 100
+        for row in holds:
+            if row.mode.startswith("lockstep"):
+                verdict = "within" if row.longest_stall_ms < target else "ABOVE"
+                console.print(
+                    f"lockstep's longest stall {row.longest_stall_ms:.0f} ms is {verdict} the"
+                    f" target lock_timeout + 100 ms = {target:.0f} ms"
+                )
+    text = markdown(rows, holds, header=header)
+    if args.no_write:
+        console.print(text, markup=False, highlight=False, soft_wrap=True)
+    else:
+        write_section(args.out, text)
+        console.print(f"wrote the benchmark section of {args.out}")
+    bad = [r.title for r in rows if not r.ok] + [
+        h.mode for h in holds if h.mode.startswith("lockstep") and h.failed
+    ]
+    if bad:
+        console.print(f"[bold red]lockstep failed application queries or migrations:[/] {bad}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
