@@ -60,6 +60,8 @@ def _add_phase(tree: Tree, title: str, phase: PhasePlan) -> None:
         else:
             how = "[magenta]autocommit[/] (alone, outside any transaction)"
         node = branch.add(f"group {number}: {how}")
+        if group.reason:
+            node.add(f"[dim]{escape(group.reason)}[/]")
         for statement in group.statements:
             node.add(escape(" ".join(statement.split()) + ";"))
 

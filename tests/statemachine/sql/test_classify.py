@@ -128,3 +128,58 @@ def test_grouping_splits_multi_statement_strings() -> None:
 
 def test_grouping_of_nothing() -> None:
     assert group_for_execution([]) == []
+
+
+def test_validate_after_not_valid_runs_alone_after_the_add_committed() -> None:
+    """The ACCESS EXCLUSIVE lock of ADD ... NOT VALID must not be held while VALIDATE scans."""
+    groups = group_for_execution(
+        [
+            "ALTER TABLE users ADD CONSTRAINT c CHECK (age > 0) NOT VALID",
+            "ALTER TABLE users VALIDATE CONSTRAINT c",
+            "ALTER TABLE users ADD COLUMN x int",
+        ]
+    )
+    assert [g.statements for g in groups] == [
+        ("ALTER TABLE users ADD CONSTRAINT c CHECK (age > 0) NOT VALID",),
+        ("ALTER TABLE users VALIDATE CONSTRAINT c",),
+        ("ALTER TABLE users ADD COLUMN x int",),
+    ]
+    assert [g.transactional for g in groups] == [True, False, True]
+    assert groups[1].reason is not None
+    assert "ACCESS EXCLUSIVE lock on users" in groups[1].reason
+
+
+@pytest.mark.parametrize(
+    ("first", "scan"),
+    [
+        (
+            "ALTER TABLE o ADD CONSTRAINT fk FOREIGN KEY (c) REFERENCES c (id) NOT VALID",
+            "ALTER TABLE o VALIDATE CONSTRAINT fk",
+        ),
+        ("ALTER TABLE o ADD COLUMN n int", "UPDATE o SET n = 0"),
+        ("CREATE TRIGGER t BEFORE UPDATE ON o FOR EACH ROW EXECUTE FUNCTION f()", "DELETE FROM o"),
+        ("ALTER TABLE other ADD COLUMN n int", "ALTER TABLE o VALIDATE CONSTRAINT c"),
+        ("LOCK TABLE o IN SHARE MODE", "INSERT INTO log SELECT * FROM o"),
+        ("ALTER TABLE o DROP CONSTRAINT x", "ANALYZE o"),
+    ],
+)
+def test_every_scan_under_a_weak_lock_leaves_a_write_blocking_group(first: str, scan: str) -> None:
+    groups = group_for_execution([first, scan])
+    assert [g.statements for g in groups] == [(first,), (scan,)]
+
+
+@pytest.mark.parametrize(
+    "statements",
+    [
+        # Nothing before the scan blocks writes: one transaction is fine.
+        ["ALTER TABLE o VALIDATE CONSTRAINT a", "ALTER TABLE o VALIDATE CONSTRAINT b"],
+        ["COMMENT ON TABLE o IS 'x'", "UPDATE o SET n = 0"],
+        # A table created in the same transaction is invisible to everyone else.
+        ["CREATE TABLE n (id int)", "INSERT INTO n SELECT id FROM o"],
+        # Scans that take a strong lock themselves gain nothing from a split (lint warns).
+        ["ALTER TABLE o ADD COLUMN n int", "CREATE INDEX i ON o (n)"],
+        ["ALTER TABLE o ADD COLUMN n int", "INSERT INTO o (id) VALUES (1)"],
+    ],
+)
+def test_no_split_without_a_held_write_blocking_lock(statements: list[str]) -> None:
+    assert len(group_for_execution(statements)) == 1
