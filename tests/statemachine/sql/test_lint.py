@@ -81,16 +81,34 @@ def test_safe_statement_has_no_finding(sql: str) -> None:
     [
         "ALTER TABLE users DROP COLUMN name",
         "DROP TABLE users",
-        "ALTER TABLE users RENAME COLUMN a TO b",
-        "ALTER TABLE users RENAME TO people",
-        "ALTER TABLE users ALTER COLUMN email SET NOT NULL",
         "TRUNCATE users",
-        "ALTER TABLE users ADD COLUMN age int NOT NULL",
+        "DROP SCHEMA billing CASCADE",
+        "DROP TYPE mood",
+        "DROP FUNCTION f()",
+        "ALTER TABLE users ALTER COLUMN a DROP DEFAULT",
     ],
 )
 def test_destructive_is_fine_in_contract(sql: str) -> None:
     assert rules_for(sql, "contract_sql") == []
     assert rules_for(sql, "rollback_sql") == []
+
+
+@pytest.mark.parametrize(
+    ("sql", "rule"),
+    [
+        # New code is live in contract: a rename breaks it just as it breaks old code in sql.
+        ("ALTER TABLE users RENAME COLUMN a TO b", "LS103"),
+        ("ALTER TABLE users RENAME TO people", "LS104"),
+        ("ALTER SCHEMA billing RENAME TO money", "LS114"),
+        ("ALTER TYPE mood RENAME VALUE 'sad' TO 'blue'", "LS115"),
+        # Fails on any populated table, whichever code is live.
+        ("ALTER TABLE users ADD COLUMN age int NOT NULL", "LS106"),
+        # Without a CHECK IS NOT NULL in the migration, SET NOT NULL scans under ACCESS EXCLUSIVE.
+        ("ALTER TABLE users ALTER COLUMN email SET NOT NULL", "LS217"),
+    ],
+)
+def test_hazards_of_the_contract_phase(sql: str, rule: str) -> None:
+    assert rules_for(sql, "contract_sql") == [rule]
 
 
 def test_lock_warnings_apply_in_contract_too() -> None:
@@ -133,11 +151,13 @@ def test_finding_fields_and_concrete_recipe() -> None:
         statement="ALTER TABLE app.users RENAME COLUMN name TO nm",
         index=1,
         line=None,
-        message="renames app.users.name to nm",
+        message="renames app.users.name to nm: breaks old code",
         recipe=finding.recipe,
+        example=finding.example,
     )
     assert "ALTER TABLE app.users ADD COLUMN nm" in finding.recipe
-    assert "DROP COLUMN name" in finding.recipe
+    assert finding.example is not None
+    assert "ALTER TABLE app.users DROP COLUMN name;" in finding.example
     assert "<" in finding.recipe  # the type is unknown and shown as a placeholder
     assert str(finding).startswith("sql[1]: error LS103 (rename-column)")
 
@@ -171,8 +191,8 @@ def test_lint_migration_maps_file_lines() -> None:
 
 
 def test_registry_is_complete_and_stable() -> None:
-    expected = {"LS000", "LS301"} | {f"LS10{i}" for i in range(1, 10)}
-    expected |= {f"LS2{i:02d}" for i in range(1, 11)}
+    expected = {"LS000", "LS001", "LS301"} | {f"LS1{i:02d}" for i in range(1, 17)}
+    expected |= {f"LS2{i:02d}" for i in range(1, 18)} | {f"LS40{i}" for i in range(1, 7)}
     assert set(RULES) == expected
     for rule_id, rule in RULES.items():
         assert rule.id == rule_id
