@@ -72,5 +72,6 @@ def style_hits(node: ast.Node) -> list[tuple[str, str, dict[str, str]]]:
         if name == "bpchar":
             hits.append(("LS405", f"column {label} is char(n)", params))
         if primary and name in _SMALL_KEYS:
-            hits.append(("LS406", f"primary key {label} is {name}", params))
+            shown = {"int4": "integer", "int2": "smallint"}.get(name, name)
+            hits.append(("LS406", f"primary key {label} is {shown}", params))
     return hits
