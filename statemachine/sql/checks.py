@@ -71,8 +71,8 @@ class Context:
     existing: frozenset[str] | None = None
     #: Tables created earlier in this section: nobody else sees them before commit.
     created: set[str] = dataclasses.field(default_factory=set)
-    #: Tables an earlier statement of this section locked against writes (DDL).
-    locked: set[str] = dataclasses.field(default_factory=set)
+    #: Tables an earlier statement of this section locked against writes (DDL), and by which.
+    locked: dict[str, str] = dataclasses.field(default_factory=dict)
     #: Views this section creates anywhere (a rename may leave one with the old name).
     views: set[str] = dataclasses.field(default_factory=set)
     #: (table, column) pairs with a CHECK (column IS NOT NULL) added by this migration.
@@ -500,7 +500,7 @@ def _check_dml(node: ast.Node, ctx: Context) -> list[Hit]:
         )
         where = to_sql(node.whereClause) if node.whereClause is not None else None
         backfill = fixes.backfill_line(qtable, sets, where)
-        example = fixes.backfill_only(backfill)
+        example = fixes.ddl_then_backfill(ctx.locked[touched[0]], backfill)
     return [
         Hit(
             "LS214",
@@ -535,7 +535,11 @@ def check_node(node: ast.Node, ctx: Context, statement: str) -> list[Hit]:
         params = {"domain": domain, "constraint": cname}
         example = None
         if constraint.conname:
-            fixed = _fixed(constraint, "skip_validation", True)
+            constraint.skip_validation = True
+            try:
+                fixed = to_sql(node)
+            finally:
+                constraint.skip_validation = False
             example = fixes.domain_validate_later(domain, cname, fixed)
         return [Hit("LS213", f"adds a validated constraint to domain {domain}", params, example)]
     if isinstance(node, ast.TruncateStmt):
@@ -572,7 +576,9 @@ def check_node(node: ast.Node, ctx: Context, statement: str) -> list[Hit]:
         if rels and not live:
             return []
         label = ", ".join(live) or "every table"
-        return [Hit("LS205", f"VACUUM FULL rewrites {label}", {"table": live[0] if live else ""})]
+        example = fixes.replace_statement(f"VACUUM {label}" if live else "VACUUM", ctx.section)
+        params = {"table": live[0] if live else ""}
+        return [Hit("LS205", f"VACUUM FULL rewrites {label}", params, example)]
     if isinstance(node, ast.ClusterStmt):
         table = relation_name(node.relation)
         if table is not None and not ctx.busy(table):
@@ -624,8 +630,10 @@ def _literal(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
 
-def record(node: ast.Node, ctx: Context) -> None:
+def record(node: ast.Node, ctx: Context, statement: str) -> None:
     """Remember what `node` changed, for the statements after it in the same section."""
     effect = lock_effect(node)
     ctx.created.update(effect.creates)
-    ctx.locked.update(rel for rel, mode in effect.locks if mode.blocks_writes)
+    for relation, mode in effect.locks:
+        if mode.blocks_writes:
+            ctx.locked.setdefault(relation, statement)

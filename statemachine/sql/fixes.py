@@ -52,8 +52,9 @@ def backfill_line(table: str, sets: str, where: str | None) -> str:
     return line + (f" where={shlex.quote(where)}" if where else "")
 
 
-def backfill_only(line: str) -> str:
-    return _file("-- lockstep:backfill", line)
+def ddl_then_backfill(ddl: str, line: str) -> str:
+    """Keep the DDL; the data change becomes a backfill, in batches after EXECUTE committed."""
+    return _file("-- lockstep:sql", _statements(ddl), "-- lockstep:backfill", line)
 
 
 def add_column_then_default(table: str, column: str, type_: str, default: str) -> str:

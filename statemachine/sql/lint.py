@@ -177,7 +177,7 @@ def lint_statements(
                         continue
                     finding = dataclasses.replace(finding, allowed=allows[hit.rule])
                 findings.append(finding)
-            record(node, ctx)
+            record(node, ctx, part.text)
     return findings
 
 

@@ -11,6 +11,8 @@ from typing import Any
 
 import psycopg
 
+from statemachine import Migration
+from statemachine.sql import group_for_execution
 from statemachine.sql.locks import LockMode
 
 _BY_PG_NAME = {mode.pg_name: mode for mode in LockMode}
@@ -38,6 +40,12 @@ CREATE DOMAIN positive AS int;
 CREATE TABLE feelings (id int, m mood, p positive);
 CREATE SCHEMA billing;
 CREATE TABLE billing.invoices (id int);
+CREATE TABLE "User Accounts" (id int PRIMARY KEY, "Email" text);
+INSERT INTO "User Accounts" VALUES (1, 'a@example.com');
+CREATE FUNCTION double(x int) RETURNS int LANGUAGE sql IMMUTABLE AS 'SELECT x * 2';
+CREATE FUNCTION make_code() RETURNS text LANGUAGE sql AS 'SELECT md5(random()::text)';
+CREATE FUNCTION stable_code() RETURNS text LANGUAGE sql STABLE AS 'SELECT ''x''';
+INSERT INTO feelings VALUES (1, 'sad', 1);
 """
 
 
@@ -77,7 +85,45 @@ def held_locks(conn: psycopg.Connection[Any], before: dict[int, str]) -> dict[st
     return out
 
 
-def relfilenode(conn: psycopg.Connection[Any], table: str) -> int:
-    row = conn.execute("SELECT pg_relation_filenode(%s::regclass)", (table,)).fetchone()
+def oid(conn: psycopg.Connection[Any], table: str) -> int:
+    row = conn.execute("SELECT %s::regclass::oid", (table,)).fetchone()
     assert row is not None
     return int(row[0])
+
+
+def relfilenode(conn: psycopg.Connection[Any], table_oid: int) -> int:
+    """The file holding the table's rows: a new one means the table was rewritten."""
+    row = conn.execute("SELECT relfilenode FROM pg_class WHERE oid = %s", (table_oid,)).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def fails(conn: psycopg.Connection[Any], sql: str) -> str | None:
+    """Run `sql` inside a savepoint of the open transaction (one is opened if needed, and
+    stays open); the error class name, or None."""
+    conn.execute("SELECT 1")  # psycopg opens the transaction, so the block is a savepoint
+    try:
+        with conn.transaction():
+            conn.execute(sql.encode())
+    except psycopg.Error as exc:
+        return type(exc).__name__
+    return None
+
+
+def run_section(dsn: str, statements: tuple[str, ...]) -> None:
+    """Run a section the way lockstep's executor does: group by group, each transactional
+    group in one transaction and each other statement alone in autocommit."""
+    for group in group_for_execution(statements):
+        with psycopg.connect(dsn, autocommit=not group.transactional) as conn:
+            for statement in group.statements:
+                conn.execute(statement.encode())
+
+
+def apply(dsn: str, migration: Migration) -> None:
+    """EXECUTE, the backfills (as single UPDATEs: batching changes nothing here), CONTRACT."""
+    run_section(dsn, migration.sql)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for b in migration.backfills:
+            where = f" WHERE {b.where}" if b.where else ""
+            conn.execute(f"UPDATE {b.table} SET {b.set}{where}".encode())
+    run_section(dsn, migration.contract_sql)
