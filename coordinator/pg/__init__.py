@@ -1,0 +1,1 @@
+"""PostgreSQL plumbing shared by the executor, backfill, history, locks and lint: one layer, no decisions."""
