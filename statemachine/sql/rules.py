@@ -383,8 +383,9 @@ _RULES = (
         "CHECK ({column} IS NOT NULL) proves it first.",
         "In sql: ALTER TABLE {table} ADD CONSTRAINT {check} CHECK ({column} IS NOT NULL) NOT "
         "VALID; ALTER TABLE {table} VALIDATE CONSTRAINT {check}. Then here: ALTER TABLE {table} "
-        "ALTER COLUMN {column} SET NOT NULL; ALTER TABLE {table} DROP CONSTRAINT {check}.",
-        AFTER_SWITCH,
+        "ALTER COLUMN {column} SET NOT NULL; ALTER TABLE {table} DROP CONSTRAINT {check}. "
+        "(Not checked in rollback_sql: restoring a NOT NULL there is the exceptional path.)",
+        ("contract_sql",),
     ),
     Rule(
         "LS301",

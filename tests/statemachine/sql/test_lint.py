@@ -201,3 +201,32 @@ def test_registry_is_complete_and_stable() -> None:
         rule.render_recipe()  # every template renders without names
     assert RULES["LS101"].name == "drop-column"
     assert list(RULES) == sorted(RULES)
+
+
+def test_docs_list_every_rule() -> None:
+    from pathlib import Path
+
+    docs = (Path(__file__).resolve().parents[3] / "docs" / "lint.md").read_text()
+    assert [r for r in RULES if f"| {r} |" not in docs] == []
+
+
+def test_allow_comment_in_a_statement_silences_only_that_rule() -> None:
+    sql = "-- lockstep:allow LS105 ten rows\nALTER TABLE users ALTER COLUMN id TYPE bigint"
+    assert rules_for(sql) == []
+    (allowed,) = lint_statements("sql", [sql], include_allowed=True)
+    assert allowed.rule == "LS105" and allowed.allowed == "ten rows"
+    assert rules_for(sql.replace("LS105", "LS201")) == ["LS105"]
+    assert rules_for(sql.replace(" ten rows", "")) == ["LS001", "LS105"]
+
+
+def test_identifiers_are_quoted_in_messages_and_recipes() -> None:
+    (finding,) = lint_statements(
+        "sql", ['ALTER TABLE billing."User Accounts" ALTER COLUMN "Email" SET NOT NULL']
+    )
+    assert 'billing."User Accounts"."Email"' in finding.message
+    assert 'ALTER TABLE billing."User Accounts" ADD CONSTRAINT' in finding.recipe
+
+
+def test_known_type_fills_the_recipe() -> None:
+    (finding,) = lint_statements("sql", ["ALTER TABLE users ADD COLUMN age integer NOT NULL"])
+    assert "ADD COLUMN age integer NOT NULL DEFAULT <value>" in finding.recipe
