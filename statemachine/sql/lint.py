@@ -188,7 +188,8 @@ def _rollback_findings(
     for failure in try_derive_rollback(migration.sql).failures:
         if failure.syntax_error:
             continue  # already reported as LS000
-        if "LS301" in allow or "LS301" in statement_allows(failure.statement)[0]:
+        source = migration.sql[failure.index] if failure.index < len(migration.sql) else ""
+        if "LS301" in allow or "LS301" in statement_allows(source)[0]:
             continue
         base = lines[failure.index] if lines is not None and failure.index < len(lines) else None
         line = base + failure.line - 1 if base is not None else None

@@ -230,3 +230,13 @@ def test_identifiers_are_quoted_in_messages_and_recipes() -> None:
 def test_known_type_fills_the_recipe() -> None:
     (finding,) = lint_statements("sql", ["ALTER TABLE users ADD COLUMN age integer NOT NULL"])
     assert "ADD COLUMN age integer NOT NULL DEFAULT <value>" in finding.recipe
+
+
+def test_allow_comment_silences_the_rollback_finding_of_its_statement() -> None:
+    sql = ["ALTER TABLE users ADD COLUMN a int", "CREATE INDEX CONCURRENTLY ON users (a)"]
+    assert [f.rule for f in lint_migration(Migration("m", sql))] == ["LS301"]
+    sql[1] = "-- lockstep:allow LS301 an index is harmless to leave\n" + sql[1]
+    assert lint_migration(Migration("m", sql)) == []
+    unnamed = Migration("m", ["CREATE INDEX CONCURRENTLY ON users (b)"])
+    assert [f.rule for f in lint_migration(unnamed)] == ["LS301"]
+    assert lint_migration(unnamed, allow={"LS301": "left in place on purpose"}) == []
