@@ -25,7 +25,8 @@ from pglast import ast
 from statemachine.migration import Migration
 from statemachine.sql._nodes import relation_name
 from statemachine.sql.catalog import Catalog
-from statemachine.sql.checks import Context, Hit, check_node, record
+from statemachine.sql.checks import check_node, record
+from statemachine.sql.context import Context, Hit
 from statemachine.sql.rollback import try_derive_rollback
 from statemachine.sql.rules import RULES, Profile, Section, Severity
 from statemachine.sql.split import SqlSyntaxError, parse_statement, split_statements
