@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from statemachine.sql import ExecutionGroup, classify, group_for_execution, needs_autocommit
+from statemachine.sql.locks import lock_effect
+from statemachine.sql.split import parse_statement
 
 
 @pytest.mark.parametrize(
@@ -183,3 +187,38 @@ def test_every_scan_under_a_weak_lock_leaves_a_write_blocking_group(first: str, 
 )
 def test_no_split_without_a_held_write_blocking_lock(statements: list[str]) -> None:
     assert len(group_for_execution(statements)) == 1
+
+
+_POOL = [
+    "ALTER TABLE a ADD COLUMN x int",
+    "ALTER TABLE a ADD CONSTRAINT c CHECK (x > 0) NOT VALID",
+    "ALTER TABLE a VALIDATE CONSTRAINT c",
+    "ALTER TABLE b ADD CONSTRAINT f FOREIGN KEY (x) REFERENCES a (id) NOT VALID",
+    "ALTER TABLE b VALIDATE CONSTRAINT f",
+    "UPDATE a SET x = 1",
+    "INSERT INTO b SELECT * FROM a",
+    "CREATE TABLE n (id int)",
+    "INSERT INTO n SELECT id FROM a",
+    "CREATE INDEX CONCURRENTLY i ON a (x)",
+    "COMMENT ON TABLE a IS 'x'",
+    "ANALYZE a",
+    "CREATE TRIGGER t BEFORE UPDATE ON b FOR EACH ROW EXECUTE FUNCTION f()",
+]
+
+
+@given(st.lists(st.sampled_from(_POOL), max_size=12))
+def test_no_transaction_scans_while_holding_a_write_blocking_lock(statements: list[str]) -> None:
+    """The invariant behind the cut, stated from the lock table alone, for any order."""
+    groups = group_for_execution(statements)
+    assert [s for g in groups for s in g.statements] == statements
+    for group in groups:
+        if not group.transactional:
+            continue
+        held: set[str] = set()
+        created: set[str] = set()
+        for statement in group.statements:
+            effect = lock_effect(parse_statement(statement))
+            if effect.scans and not (effect.strongest and effect.strongest.blocks_writes):
+                assert not held, f"{statement!r} scans while {held} are locked"
+            created |= set(effect.creates)
+            held |= {r for r, m in effect.locks if m.blocks_writes and r not in created}
