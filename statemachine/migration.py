@@ -99,7 +99,8 @@ class Migration:
                 "'_', '.', '-', starting with a letter or digit"
             )
         stmts = _statements("sql", sql)
-        if not stmts and not backfills:
+        # A contract-only migration is legitimate: it drops what an earlier one stopped using.
+        if not stmts and not backfills and not _statements("contract_sql", contract_sql):
             raise InvalidMigration(f"migration {name!r} has no sql")
         if ack_timeout is not None and not ack_timeout > 0:
             raise InvalidMigration(f"ack_timeout must be > 0, got {ack_timeout}")

@@ -22,7 +22,7 @@ def missing_packages() -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI; see `coordinator.cli.main.main` for the exit statuses."""
+    """Run the CLI; see `coordinator.cli.app.main` for the exit statuses."""
     missing = missing_packages()
     if missing:
         sys.stderr.write(
@@ -31,6 +31,6 @@ def main(argv: list[str] | None = None) -> int:
             "  install it with: pip install 'lockstep[coordinator]'\n"
         )
         return EXIT_NOT_INSTALLED
-    from coordinator.cli.main import main as run
+    from coordinator.cli.app import main as run
 
     return run(argv)

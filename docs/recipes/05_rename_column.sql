@@ -34,9 +34,11 @@ ALTER TABLE users
 -- lockstep:backfill
 table=users set="full_name = name" where="full_name IS NULL" batch_size=500
 -- lockstep:contract
+-- VALIDATE first: it reads the table under SHARE UPDATE EXCLUSIVE, which blocks no
+-- query, and the statements after it take their ACCESS EXCLUSIVE lock only briefly.
+ALTER TABLE users VALIDATE CONSTRAINT users_full_name_not_null;
 DROP TRIGGER users_sync_full_name ON users;
 DROP FUNCTION users_sync_full_name();
-ALTER TABLE users VALIDATE CONSTRAINT users_full_name_not_null;
 ALTER TABLE users ALTER COLUMN full_name SET NOT NULL;
 ALTER TABLE users DROP CONSTRAINT users_full_name_not_null;
 ALTER TABLE users DROP COLUMN name;

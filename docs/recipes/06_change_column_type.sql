@@ -35,9 +35,11 @@ ALTER TABLE events
 -- lockstep:backfill
 table=events set="payload_json = payload::jsonb" where="payload_json IS NULL" batch_size=500
 -- lockstep:contract
+-- VALIDATE first: it reads the table under SHARE UPDATE EXCLUSIVE, which blocks no
+-- query, and the statements after it take their ACCESS EXCLUSIVE lock only briefly.
+ALTER TABLE events VALIDATE CONSTRAINT events_payload_json_not_null;
 DROP TRIGGER events_sync_payload_json ON events;
 DROP FUNCTION events_sync_payload_json();
-ALTER TABLE events VALIDATE CONSTRAINT events_payload_json_not_null;
 ALTER TABLE events ALTER COLUMN payload_json SET NOT NULL;
 ALTER TABLE events DROP CONSTRAINT events_payload_json_not_null;
 ALTER TABLE events DROP COLUMN payload;

@@ -10,7 +10,7 @@ import re
 from typing import Any
 
 from pglast import ast, enums
-from pglast.stream import RawStream
+from pglast.stream import RawStream, maybe_double_quote_name
 
 _CAMEL = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
 
@@ -64,3 +64,21 @@ def def_elem_true(elems: tuple[Any, ...] | None, name: str) -> bool:
             value = getattr(arg, "sval", None) or getattr(arg, "ival", None)
             return str(value).lower() not in ("false", "off", "0")
     return False
+
+
+def quote(name: str) -> str:
+    """One identifier as PostgreSQL needs it written (``User Accounts`` -> ``"User Accounts"``)."""
+    return str(maybe_double_quote_name(name))
+
+
+def quoted_relation(rv: ast.RangeVar | None) -> str | None:
+    """``schema.table`` with each part quoted where PostgreSQL needs it; None when absent."""
+    if rv is None or rv.relname is None:
+        return None
+    parts = [rv.schemaname, rv.relname] if rv.schemaname else [rv.relname]
+    return ".".join(quote(str(p)) for p in parts)
+
+
+def quoted_dotted(names: tuple[Any, ...] | None) -> str:
+    """`dotted`, each part quoted where needed."""
+    return ".".join(quote(str(n.sval)) for n in names or () if isinstance(n, ast.String))

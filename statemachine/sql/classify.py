@@ -5,6 +5,12 @@ but some statements refuse to run in a transaction block (``CREATE INDEX CONCURR
 only useful outside one (``ALTER TYPE ... ADD VALUE``: the new value cannot be used until the
 adding transaction commits). The executor therefore needs the script cut into ordered groups:
 runs of transactional statements, each in one transaction, and single autocommit statements.
+
+A third reason to cut: a statement that reads a whole table under a lock that lets writes go on
+(``VALIDATE CONSTRAINT``, an ``UPDATE`` backfill) must not share a transaction with an earlier
+statement that took a lock blocking writes (``ADD CONSTRAINT ... NOT VALID`` takes ACCESS
+EXCLUSIVE or SHARE ROW EXCLUSIVE), or that lock is held for the whole scan. Such a statement runs
+alone, after the locking group committed (`statemachine.sql.locks` has the lock levels).
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from statemachine.sql._nodes import (
     object_words,
     relation_name,
 )
+from statemachine.sql.locks import LockEffect, LockMode, lock_effect, scans_under_weak_lock
 from statemachine.sql.split import parse_statement, split_statements
 
 
@@ -49,6 +56,8 @@ class ExecutionGroup:
     transactional: bool
     statements: tuple[str, ...]
     sources: tuple[int, ...]
+    #: Why the group was cut off from the statements before it, when not for autocommit.
+    reason: str | None = None
 
     @property
     def autocommit(self) -> bool:
@@ -211,11 +220,15 @@ def group_for_execution(statements: Sequence[str]) -> list[ExecutionGroup]:
 
     Each string may hold several statements; they are split first so that a non-transactional
     statement never hides inside a string that would otherwise run in a transaction.
-    Consecutive transactional statements share one group; each autocommit statement gets its own.
+    Consecutive transactional statements share one group; each autocommit statement gets its
+    own, and so does a long scan under a weak lock that follows a write-blocking lock (see the
+    module docstring): it runs in autocommit, so no lock of ours is held while it reads.
     Raises `SqlSyntaxError` for invalid SQL.
     """
     groups: list[ExecutionGroup] = []
     pending: list[tuple[int, str]] = []
+    held: dict[str, tuple[LockMode, str]] = {}  # relation -> (mode, statement) in `pending`
+    created: set[str] = set()
 
     def flush() -> None:
         if pending:
@@ -223,13 +236,43 @@ def group_for_execution(statements: Sequence[str]) -> list[ExecutionGroup]:
                 ExecutionGroup(True, tuple(s for _, s in pending), tuple(i for i, _ in pending))
             )
             pending.clear()
+            held.clear()
+            created.clear()
 
     for index, text in enumerate(statements):
         for stmt in split_statements(text):
-            if classify(stmt.text).transactional:
-                pending.append((index, stmt.text))
-            else:
+            node = parse_statement(stmt.text)
+            if not classify_node(node).transactional:
                 flush()
                 groups.append(ExecutionGroup(False, (stmt.text,), (index,)))
+                continue
+            effect = lock_effect(node)
+            if held and scans_under_weak_lock(effect):
+                reason = _scan_reason(effect, held)
+                flush()
+                groups.append(ExecutionGroup(False, (stmt.text,), (index,), reason))
+                continue
+            pending.append((index, stmt.text))
+            created.update(effect.creates)
+            for relation, mode in effect.locks:
+                stronger = relation not in held or held[relation][0] < mode
+                if mode.blocks_writes and relation not in created and stronger:
+                    held[relation] = (mode, stmt.text)
     flush()
     return groups
+
+
+def _scan_reason(effect: LockEffect, held: dict[str, tuple[LockMode, str]]) -> str:
+    """``"it scans orders; in one transaction the ACCESS EXCLUSIVE lock on orders ..."``."""
+    scans = ", ".join(effect.scans)
+    relation, (mode, statement) = max(
+        held.items(), key=lambda item: (item[0] in effect.scans, item[1][0])
+    )
+    short = " ".join(statement.split())
+    if len(short) > 60:
+        short = short[:57] + "..."
+    return (
+        f"runs alone after the previous group committed: it reads all of {scans}, and in one "
+        f"transaction the {mode.label} lock on {relation} taken by '{short}' would be held "
+        "for the whole scan"
+    )

@@ -17,6 +17,13 @@ Format (markers stand alone on their line; ``--lockstep:`` without the space als
     -- lockstep:rollback
     ALTER TABLE users DROP COLUMN IF EXISTS full_name;
 
+Allowing one finding: ``-- lockstep:allow LS105 <reason>`` on its own line stays with the next
+statement of its section (as a comment in that statement's text, so lint sees it wherever the
+migration goes); ``-- lockstep:allow-file LS301 <reason>`` allows a rule for the whole file
+(`MigrationSource.allow`). The reason is mandatory. Markers are lower case: a line such as
+``-- LOCKSTEP:CONTRACT`` is refused with a hint rather than silently taken as a comment, and a
+UTF-8 byte order mark at the start of the text is ignored.
+
 A backfill line is shell-quoted ``key=value`` pairs (keys: table, set, key, where, batch_size,
 delay; table and set are required); blank lines and ``--`` comments are skipped. A missing
 rollback section means "derive it"; an empty one means "nothing to undo". Markers are matched
@@ -31,18 +38,23 @@ import shlex
 from collections.abc import Iterable, Mapping
 from types import MappingProxyType
 
+from statemachine.exceptions import LockstepError
 from statemachine.migration import Backfill, InvalidMigration, Migration
 from statemachine.sql.split import SqlSyntaxError, split_statements
 
 _MARKER = re.compile(r"^\s*--\s*lockstep:(?P<word>\S*)(?:[ \t]+(?P<arg>.*?))?\s*$")
+#: Anything that looks like a marker but is not one exactly (``-- LOCKSTEP:CONTRACT``).
+_LOOKS_LIKE_MARKER = re.compile(r"^\s*--\s*lockstep\s*:\s*(?P<word>\S*)", re.IGNORECASE)
 _SECTIONS = {"sql": "sql", "contract": "contract_sql", "rollback": "rollback_sql", "backfill": ""}
 _DIRECTIVES = ("name", "ack-timeout")
+_ALLOWS = ("allow", "allow-file")
 _BACKFILL_KEYS = ("table", "set", "key", "where", "batch_size", "delay")
 _NATURAL = re.compile(r"(\d+)")
 
 
-class MigrationFileError(ValueError):
-    """The migration file cannot be used; `line` is the 1-based line in the file."""
+class MigrationFileError(LockstepError, ValueError):
+    """Raised when parsing a migration file that cannot be used; `line` is the 1-based line in
+    the file."""
 
     def __init__(self, message: str, line: int) -> None:
         super().__init__(f"line {line}: {message}")
@@ -60,6 +72,8 @@ class MigrationSource:
 
     migration: Migration
     lines: Mapping[str, tuple[int, ...]]
+    #: Rules allowed for the whole file (``-- lockstep:allow-file``): rule id -> reason.
+    allow: Mapping[str, str] = dataclasses.field(default_factory=lambda: MappingProxyType({}))
 
 
 def migration_name_from_filename(filename: str) -> str:
@@ -98,7 +112,10 @@ def _statements(section: _Section, total_lines: int) -> list[tuple[int, str]]:
     try:
         return [(s.line, s.text.strip()) for s in split_statements("\n".join(rows))]
     except SqlSyntaxError as exc:
-        raise MigrationFileError(f"syntax error: {exc.message}", exc.line) from None
+        message = exc.message
+        if not message.startswith("syntax error"):
+            message = f"syntax error: {message}"
+        raise MigrationFileError(message, exc.line) from None
 
 
 def _parse_backfill(number: int, text: str) -> Backfill:
@@ -148,19 +165,77 @@ def _parse_backfill(number: int, text: str) -> Backfill:
         raise MigrationFileError(f"bad backfill line: {exc}", number) from None
 
 
+def _parse_allow(word: str, arg: str, number: int) -> tuple[str, str]:
+    from statemachine.sql.rules import RULES
+
+    rule, _, reason = arg.partition(" ")
+    if not rule:
+        raise MigrationFileError(f"'-- lockstep:{word}' needs a rule id and a reason", number)
+    if rule not in RULES:
+        raise MigrationFileError(
+            f"'-- lockstep:{word} {rule}': no such rule (see 'lockstep lint --rules')", number
+        )
+    if not reason.strip():
+        raise MigrationFileError(
+            f"'-- lockstep:{word} {rule}' needs a reason: say why it is safe here", number
+        )
+    return rule, reason.strip()
+
+
+def _check_marker_spelling(line: str, number: int) -> None:
+    loose = _LOOKS_LIKE_MARKER.match(line)
+    if loose is None or _MARKER.match(line) is not None:
+        return
+    word = loose["word"].lower()
+    raise MigrationFileError(
+        f"{line.strip()!r} is not a lockstep marker: markers are lower case with no space "
+        f"before the colon, e.g. '-- lockstep:{word or 'contract'}'",
+        number,
+    )
+
+
+def _attach_allows(
+    statements: list[tuple[int, str]], allows: list[tuple[int, str]]
+) -> list[tuple[int, str]]:
+    """Put each allow comment in front of the next statement, which then starts on its line."""
+    out: list[tuple[int, str]] = []
+    pending = sorted(allows)
+    for line, text in statements:
+        mine = [(n, c) for n, c in pending if n < line]
+        pending = [(n, c) for n, c in pending if n >= line]
+        if mine:
+            gap = {n: c for n, c in mine}
+            first = mine[0][0]
+            head = "\n".join(gap.get(n, "") for n in range(first, line))
+            out.append((first, f"{head}\n{text}"))
+        else:
+            out.append((line, text))
+    return out
+
+
 def parse_migration_source(text: str, *, default_name: str) -> MigrationSource:
     """Parse a migration file's text; raises `MigrationFileError` naming the line."""
-    lines = text.splitlines()
+    lines = text.removeprefix("\ufeff").splitlines()
     current = _Section("sql", 0)
     sections: list[_Section] = [current]
     seen: dict[str, int] = {}
     directives: dict[str, tuple[int, str]] = {}
+    file_allows: dict[str, str] = {}
+    allow_lines: dict[str, list[tuple[int, str]]] = {}
     for number, line in enumerate(lines, start=1):
+        _check_marker_spelling(line, number)
         match = _MARKER.match(line)
         if match is None:
             current.body.append((number, line))
             continue
         word, arg = match["word"], (match["arg"] or "").strip()
+        if word in _ALLOWS:
+            rule, reason = _parse_allow(word, arg, number)
+            if word == "allow-file":
+                file_allows[rule] = reason
+            else:
+                allow_lines.setdefault(current.name, []).append((number, line.strip()))
+            continue
         if word in _DIRECTIVES:
             if word in directives:
                 raise MigrationFileError(
@@ -171,7 +246,7 @@ def parse_migration_source(text: str, *, default_name: str) -> MigrationSource:
             directives[word] = (number, arg)
             continue
         if word not in _SECTIONS:
-            known = ", ".join([*_SECTIONS, *_DIRECTIVES])
+            known = ", ".join([*_SECTIONS, *_DIRECTIVES, *_ALLOWS])
             raise MigrationFileError(f"unknown marker 'lockstep:{word}' (known: {known})", number)
         if arg:
             raise MigrationFileError(f"'-- lockstep:{word}' takes no value, got {arg!r}", number)
@@ -199,11 +274,22 @@ def parse_migration_source(text: str, *, default_name: str) -> MigrationSource:
                     backfills.append(_parse_backfill(number, stripped))
             continue
         by_name.setdefault(section.name, []).extend(_statements(section, len(lines)))
+    for name_, allows in allow_lines.items():
+        if name_ == "":
+            raise MigrationFileError(
+                "'-- lockstep:allow' belongs before a SQL statement, not in backfill", allows[0][0]
+            )
+        attached = _attach_allows(by_name.get(name_, []), allows)
+        if sum(c.count("lockstep:allow") for _, c in attached) < len(allows):
+            raise MigrationFileError(
+                "'-- lockstep:allow' must come before the statement it allows", allows[-1][0]
+            )
+        by_name[name_] = attached
 
     sql = by_name.get("sql", [])
-    if not sql and not backfills:
+    if not sql and not backfills and not by_name.get("contract_sql"):
         where = seen.get("sql", 1)
-        raise MigrationFileError("the sql section has no statements", where)
+        raise MigrationFileError("the migration has no statements in sql or contract", where)
 
     name = default_name
     name_line = 1
@@ -237,7 +323,9 @@ def parse_migration_source(text: str, *, default_name: str) -> MigrationSource:
         "contract_sql": tuple(n for n, _ in contract),
         "rollback_sql": tuple(n for n, _ in rollback or ()),
     }
-    return MigrationSource(migration, MappingProxyType(statement_lines))
+    return MigrationSource(
+        migration, MappingProxyType(statement_lines), MappingProxyType(file_allows)
+    )
 
 
 def parse_migration_text(text: str, *, default_name: str) -> Migration:

@@ -99,6 +99,8 @@ def _phase_text(title: str, phase: PhasePlan) -> list[str]:
     for number, group in enumerate(phase.groups, start=1):
         how = "transaction" if group.transactional else "autocommit"
         out.append(f"  group {number} [{how}]")
+        if group.reason:
+            out.append(f"    -- {group.reason}")
         out += [f"    {_indented(s)};" for s in group.statements]
     return out
 

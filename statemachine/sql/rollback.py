@@ -17,6 +17,7 @@ from typing import Any
 
 from pglast import ast, enums
 
+from statemachine.exceptions import LockstepError
 from statemachine.sql._nodes import to_sql
 from statemachine.sql.classify import classify_node
 from statemachine.sql.split import SqlSyntaxError, parse_statement, split_statements
@@ -26,8 +27,9 @@ _OT = enums.ObjectType
 _RESTRICT = enums.DropBehavior.DROP_RESTRICT
 
 
-class CannotDeriveRollback(ValueError):
-    """A statement has no safe automatic inverse; `statement` and `reason` say which and why."""
+class CannotDeriveRollback(LockstepError, ValueError):
+    """Raised by `derive_rollback` when a statement has no safe automatic inverse; `statement`
+    and `reason` say which and why."""
 
     def __init__(self, statement: str, reason: str) -> None:
         super().__init__(f"cannot derive a rollback for {statement!r}: {reason}")
@@ -92,6 +94,8 @@ class _Deriver:
 
     def __init__(self) -> None:
         self.created_indexes: set[str] = set()
+        self.added_columns: set[tuple[str | None, str | None, str]] = set()
+        self.created_sequences: set[tuple[str | None, str | None]] = set()
 
     def inverse(self, sql: str) -> list[str]:
         node = parse_statement(sql)
@@ -120,6 +124,12 @@ class _Deriver:
                         "before, and dropping it would destroy its data",
                     )
                 inverses.append(_alter_drop(rv, _AT.AT_DropColumn, str(column.colname)))
+                self.added_columns.add((rv.schemaname, rv.relname, str(column.colname)))
+            elif (
+                cmd.subtype is _AT.AT_ColumnDefault
+                and (rv.schemaname, rv.relname, str(cmd.name)) in self.added_columns
+            ):
+                continue  # the default of a column this script added goes with the column
             elif cmd.subtype is _AT.AT_AddConstraint:
                 constraint = cmd.def_
                 assert isinstance(constraint, ast.Constraint)
@@ -198,6 +208,7 @@ class _Deriver:
     def _CreateSeqStmt(self, sql: str, node: ast.CreateSeqStmt) -> list[str]:
         _refuse_if(sql, bool(node.if_not_exists), "CREATE SEQUENCE IF NOT EXISTS")
         assert node.sequence is not None
+        self.created_sequences.add((node.sequence.schemaname, node.sequence.relname))
         return [_drop((_names(node.sequence),), _OT.OBJECT_SEQUENCE)]
 
     def _ViewStmt(self, sql: str, node: ast.ViewStmt) -> list[str]:
@@ -213,6 +224,16 @@ class _Deriver:
         if node.schemaElts or not node.schemaname:
             raise CannotDeriveRollback(sql, "CREATE SCHEMA with elements or AUTHORIZATION only")
         return [_drop((ast.String(sval=node.schemaname),), _OT.OBJECT_SCHEMA)]
+
+    def _AlterSeqStmt(self, sql: str, node: ast.AlterSeqStmt) -> list[str]:
+        seq = node.sequence
+        created = seq is not None and (seq.schemaname, seq.relname) in self.created_sequences
+        if created:
+            return []  # dropping the sequence this script created undoes it
+        raise CannotDeriveRollback(sql, "ALTER SEQUENCE of an existing sequence is not derived")
+
+    def _CommentStmt(self, sql: str, node: ast.CommentStmt) -> list[str]:
+        return []  # a comment changes nothing any code reads; the old text is not known
 
     def _VariableSetStmt(self, sql: str, node: ast.VariableSetStmt) -> list[str]:
         return []  # session settings change no schema

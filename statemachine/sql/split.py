@@ -14,11 +14,14 @@ import re
 from pglast import ast
 from pglast.parser import ParseError, parse_sql, split
 
+from statemachine.exceptions import LockstepError
+
 _NON_ASCII = re.compile(r"[^\x00-\x7f]")
 
 
-class SqlSyntaxError(ValueError):
-    """The text is not valid PostgreSQL; `line` is 1-based within the text that was parsed."""
+class SqlSyntaxError(LockstepError, ValueError):
+    """Raised by the splitter and parser when the text is not valid PostgreSQL; `line` is
+    1-based within the text that was parsed."""
 
     def __init__(self, message: str, line: int) -> None:
         super().__init__(f"line {line}: {message}")

@@ -1,6 +1,7 @@
 """`make bench-traffic`: every recipe under live traffic, with and without lockstep.
 
     python -m tests.bench.traffic [--agents 8] [--hold 10] [--dsn URI] [--out FILE]
+    python -m tests.bench.traffic --rows 1000000   (the large-table scenario only)
 
 For each recipe, in a fresh database: N application instances (each an agent plus a query loop
 on its own connection) query the database while the coordinator runs the recipe's migration;
@@ -13,6 +14,7 @@ left a migration unfinished or the schema wrong; latency is reported, never asse
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import platform
@@ -116,6 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="markdown file whose benchmark section is replaced (default docs/benchmarks.md)",
     )
     p.add_argument("--no-write", action="store_true", help="print the markdown, write nothing")
+    p.add_argument(
+        "--rows",
+        type=_positive_int,
+        help="run only the large-table scenario (FK + NOT NULL via CHECK) on this many rows;"
+        " prints its figures and writes nothing",
+    )
     p.add_argument(
         "-v", "--verbose", action="store_true", help="show lockstep's log (lock retries...)"
     )
@@ -227,6 +235,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(message)s",
         handlers=[RichHandler(console=console, show_path=False)],
     )
+    if args.rows:
+        return _big_table(args, console)
     selected = _selected(args.recipes)
     started = time.monotonic()
     with resolve_dsn(args.dsn) as server:
@@ -257,6 +267,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         console.print(f"[bold red]lockstep failed application queries or migrations:[/] {bad}")
         return 1
     return 0
+
+
+def _big_table(args: argparse.Namespace, console: Console) -> int:
+    from tests.bench import bigtable
+
+    with resolve_dsn(args.dsn) as server:
+        results = trio.run(
+            functools.partial(
+                bigtable.run_big_table,
+                server,
+                args.rows,
+                agents=args.agents,
+                min_queries=args.min_queries,
+                pause=args.pause,
+                lock_timeout=args.lock_timeout,
+            )
+        )
+    console.print(bigtable.markdown(args.rows, results), markup=False, highlight=False)
+    for row in results:
+        if row.error:
+            console.print(f"{row.mode}: {row.error}", markup=False)
+    return 1 if results[0].failed or results[0].error else 0
 
 
 if __name__ == "__main__":

@@ -18,9 +18,11 @@ from rich.markup import escape
 from rich.tree import Tree
 
 from coordinator.cli.commands import CommandError, stdout_console
-from coordinator.cli.commands.lint import lint_file, print_findings
+from coordinator.cli.commands.lint import add_lint_options, catalog_from, lint_file, print_findings
 from coordinator.cli.files import MigrationFile, MigrationLoadError, load_paths
 from statemachine.sql import PhasePlan, Plan, build_plan
+from statemachine.sql.catalog import Catalog
+from statemachine.sql.rules import Profile
 
 if TYPE_CHECKING:
     from coordinator.cli.commands import Subparsers
@@ -42,12 +44,16 @@ def register(subparsers: Subparsers) -> None:
         ),
     )
     parser.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="file or directory")
+    add_lint_options(parser)
     parser.set_defaults(func=run)
 
 
-def file_plan(file: MigrationFile) -> Plan:
+def file_plan(
+    file: MigrationFile, *, catalog: Catalog | None = None, profile: Profile = "default"
+) -> Plan:
     """The plan, with lint findings that carry the file's line numbers."""
-    return dataclasses.replace(build_plan(file.migration), findings=tuple(lint_file(file)))
+    findings = lint_file(file, catalog=catalog, profile=profile)
+    return dataclasses.replace(build_plan(file.migration), findings=tuple(findings))
 
 
 def _add_phase(tree: Tree, title: str, phase: PhasePlan) -> None:
@@ -60,6 +66,8 @@ def _add_phase(tree: Tree, title: str, phase: PhasePlan) -> None:
         else:
             how = "[magenta]autocommit[/] (alone, outside any transaction)"
         node = branch.add(f"group {number}: {how}")
+        if group.reason:
+            node.add(f"[dim]{escape(group.reason)}[/]")
         for statement in group.statements:
             node.add(escape(" ".join(statement.split()) + ";"))
 
@@ -112,8 +120,9 @@ def run(args: argparse.Namespace) -> int:
     except MigrationLoadError as exc:
         raise CommandError(str(exc)) from exc
     out = stdout_console()
+    catalog = catalog_from(args.dsn)
     for index, file in enumerate(files):
         if index:
             out.print()
-        render_plan(out, file, file_plan(file))
+        render_plan(out, file, file_plan(file, catalog=catalog, profile=args.profile))
     return 0

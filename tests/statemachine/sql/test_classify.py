@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from statemachine.sql import ExecutionGroup, classify, group_for_execution, needs_autocommit
+from statemachine.sql.locks import lock_effect
+from statemachine.sql.split import parse_statement
 
 
 @pytest.mark.parametrize(
@@ -128,3 +132,93 @@ def test_grouping_splits_multi_statement_strings() -> None:
 
 def test_grouping_of_nothing() -> None:
     assert group_for_execution([]) == []
+
+
+def test_validate_after_not_valid_runs_alone_after_the_add_committed() -> None:
+    """The ACCESS EXCLUSIVE lock of ADD ... NOT VALID must not be held while VALIDATE scans."""
+    groups = group_for_execution(
+        [
+            "ALTER TABLE users ADD CONSTRAINT c CHECK (age > 0) NOT VALID",
+            "ALTER TABLE users VALIDATE CONSTRAINT c",
+            "ALTER TABLE users ADD COLUMN x int",
+        ]
+    )
+    assert [g.statements for g in groups] == [
+        ("ALTER TABLE users ADD CONSTRAINT c CHECK (age > 0) NOT VALID",),
+        ("ALTER TABLE users VALIDATE CONSTRAINT c",),
+        ("ALTER TABLE users ADD COLUMN x int",),
+    ]
+    assert [g.transactional for g in groups] == [True, False, True]
+    assert groups[1].reason is not None
+    assert "ACCESS EXCLUSIVE lock on users" in groups[1].reason
+
+
+@pytest.mark.parametrize(
+    ("first", "scan"),
+    [
+        (
+            "ALTER TABLE o ADD CONSTRAINT fk FOREIGN KEY (c) REFERENCES c (id) NOT VALID",
+            "ALTER TABLE o VALIDATE CONSTRAINT fk",
+        ),
+        ("ALTER TABLE o ADD COLUMN n int", "UPDATE o SET n = 0"),
+        ("CREATE TRIGGER t BEFORE UPDATE ON o FOR EACH ROW EXECUTE FUNCTION f()", "DELETE FROM o"),
+        ("ALTER TABLE other ADD COLUMN n int", "ALTER TABLE o VALIDATE CONSTRAINT c"),
+        ("LOCK TABLE o IN SHARE MODE", "INSERT INTO log SELECT * FROM o"),
+        ("ALTER TABLE o DROP CONSTRAINT x", "ANALYZE o"),
+    ],
+)
+def test_every_scan_under_a_weak_lock_leaves_a_write_blocking_group(first: str, scan: str) -> None:
+    groups = group_for_execution([first, scan])
+    assert [g.statements for g in groups] == [(first,), (scan,)]
+
+
+@pytest.mark.parametrize(
+    "statements",
+    [
+        # Nothing before the scan blocks writes: one transaction is fine.
+        ["ALTER TABLE o VALIDATE CONSTRAINT a", "ALTER TABLE o VALIDATE CONSTRAINT b"],
+        ["COMMENT ON TABLE o IS 'x'", "UPDATE o SET n = 0"],
+        # A table created in the same transaction is invisible to everyone else.
+        ["CREATE TABLE n (id int)", "INSERT INTO n SELECT id FROM o"],
+        # Scans that take a strong lock themselves gain nothing from a split (lint warns).
+        ["ALTER TABLE o ADD COLUMN n int", "CREATE INDEX i ON o (n)"],
+        ["ALTER TABLE o ADD COLUMN n int", "INSERT INTO o (id) VALUES (1)"],
+    ],
+)
+def test_no_split_without_a_held_write_blocking_lock(statements: list[str]) -> None:
+    assert len(group_for_execution(statements)) == 1
+
+
+_POOL = [
+    "ALTER TABLE a ADD COLUMN x int",
+    "ALTER TABLE a ADD CONSTRAINT c CHECK (x > 0) NOT VALID",
+    "ALTER TABLE a VALIDATE CONSTRAINT c",
+    "ALTER TABLE b ADD CONSTRAINT f FOREIGN KEY (x) REFERENCES a (id) NOT VALID",
+    "ALTER TABLE b VALIDATE CONSTRAINT f",
+    "UPDATE a SET x = 1",
+    "INSERT INTO b SELECT * FROM a",
+    "CREATE TABLE n (id int)",
+    "INSERT INTO n SELECT id FROM a",
+    "CREATE INDEX CONCURRENTLY i ON a (x)",
+    "COMMENT ON TABLE a IS 'x'",
+    "ANALYZE a",
+    "CREATE TRIGGER t BEFORE UPDATE ON b FOR EACH ROW EXECUTE FUNCTION f()",
+]
+
+
+@given(st.lists(st.sampled_from(_POOL), max_size=12))
+def test_no_transaction_scans_while_holding_a_write_blocking_lock(statements: list[str]) -> None:
+    """The invariant behind the cut, stated from the lock table alone, for any order."""
+    groups = group_for_execution(statements)
+    assert [s for g in groups for s in g.statements] == statements
+    for group in groups:
+        if not group.transactional:
+            continue
+        held: set[str] = set()
+        created: set[str] = set()
+        for statement in group.statements:
+            effect = lock_effect(parse_statement(statement))
+            if effect.scans and not (effect.strongest and effect.strongest.blocks_writes):
+                assert not held, f"{statement!r} scans while {held} are locked"
+            created |= set(effect.creates)
+            held |= {r for r, m in effect.locks if m.blocks_writes and r not in created}

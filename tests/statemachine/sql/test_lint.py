@@ -81,16 +81,34 @@ def test_safe_statement_has_no_finding(sql: str) -> None:
     [
         "ALTER TABLE users DROP COLUMN name",
         "DROP TABLE users",
-        "ALTER TABLE users RENAME COLUMN a TO b",
-        "ALTER TABLE users RENAME TO people",
-        "ALTER TABLE users ALTER COLUMN email SET NOT NULL",
         "TRUNCATE users",
-        "ALTER TABLE users ADD COLUMN age int NOT NULL",
+        "DROP SCHEMA billing CASCADE",
+        "DROP TYPE mood",
+        "DROP FUNCTION f()",
+        "ALTER TABLE users ALTER COLUMN a DROP DEFAULT",
     ],
 )
 def test_destructive_is_fine_in_contract(sql: str) -> None:
     assert rules_for(sql, "contract_sql") == []
     assert rules_for(sql, "rollback_sql") == []
+
+
+@pytest.mark.parametrize(
+    ("sql", "rule"),
+    [
+        # New code is live in contract: a rename breaks it just as it breaks old code in sql.
+        ("ALTER TABLE users RENAME COLUMN a TO b", "LS103"),
+        ("ALTER TABLE users RENAME TO people", "LS104"),
+        ("ALTER SCHEMA billing RENAME TO money", "LS114"),
+        ("ALTER TYPE mood RENAME VALUE 'sad' TO 'blue'", "LS115"),
+        # Fails on any populated table, whichever code is live.
+        ("ALTER TABLE users ADD COLUMN age int NOT NULL", "LS106"),
+        # Without a CHECK IS NOT NULL in the migration, SET NOT NULL scans under ACCESS EXCLUSIVE.
+        ("ALTER TABLE users ALTER COLUMN email SET NOT NULL", "LS217"),
+    ],
+)
+def test_hazards_of_the_contract_phase(sql: str, rule: str) -> None:
+    assert rules_for(sql, "contract_sql") == [rule]
 
 
 def test_lock_warnings_apply_in_contract_too() -> None:
@@ -133,11 +151,13 @@ def test_finding_fields_and_concrete_recipe() -> None:
         statement="ALTER TABLE app.users RENAME COLUMN name TO nm",
         index=1,
         line=None,
-        message="renames app.users.name to nm",
+        message="renames app.users.name to nm: breaks old code",
         recipe=finding.recipe,
+        example=finding.example,
     )
     assert "ALTER TABLE app.users ADD COLUMN nm" in finding.recipe
-    assert "DROP COLUMN name" in finding.recipe
+    assert finding.example is not None
+    assert "ALTER TABLE app.users DROP COLUMN name;" in finding.example
     assert "<" in finding.recipe  # the type is unknown and shown as a placeholder
     assert str(finding).startswith("sql[1]: error LS103 (rename-column)")
 
@@ -171,8 +191,8 @@ def test_lint_migration_maps_file_lines() -> None:
 
 
 def test_registry_is_complete_and_stable() -> None:
-    expected = {"LS000", "LS301"} | {f"LS10{i}" for i in range(1, 10)}
-    expected |= {f"LS2{i:02d}" for i in range(1, 11)}
+    expected = {"LS000", "LS001", "LS301"} | {f"LS1{i:02d}" for i in range(1, 17)}
+    expected |= {f"LS2{i:02d}" for i in range(1, 18)} | {f"LS40{i}" for i in range(1, 7)}
     assert set(RULES) == expected
     for rule_id, rule in RULES.items():
         assert rule.id == rule_id
@@ -181,3 +201,42 @@ def test_registry_is_complete_and_stable() -> None:
         rule.render_recipe()  # every template renders without names
     assert RULES["LS101"].name == "drop-column"
     assert list(RULES) == sorted(RULES)
+
+
+def test_docs_list_every_rule() -> None:
+    from pathlib import Path
+
+    docs = (Path(__file__).resolve().parents[3] / "docs" / "lint.md").read_text()
+    assert [r for r in RULES if f"| {r} |" not in docs] == []
+
+
+def test_allow_comment_in_a_statement_silences_only_that_rule() -> None:
+    sql = "-- lockstep:allow LS105 ten rows\nALTER TABLE users ALTER COLUMN id TYPE bigint"
+    assert rules_for(sql) == []
+    (allowed,) = lint_statements("sql", [sql], include_allowed=True)
+    assert allowed.rule == "LS105" and allowed.allowed == "ten rows"
+    assert rules_for(sql.replace("LS105", "LS201")) == ["LS105"]
+    assert rules_for(sql.replace(" ten rows", "")) == ["LS001", "LS105"]
+
+
+def test_identifiers_are_quoted_in_messages_and_recipes() -> None:
+    (finding,) = lint_statements(
+        "sql", ['ALTER TABLE billing."User Accounts" ALTER COLUMN "Email" SET NOT NULL']
+    )
+    assert 'billing."User Accounts"."Email"' in finding.message
+    assert 'ALTER TABLE billing."User Accounts" ADD CONSTRAINT' in finding.recipe
+
+
+def test_known_type_fills_the_recipe() -> None:
+    (finding,) = lint_statements("sql", ["ALTER TABLE users ADD COLUMN age integer NOT NULL"])
+    assert "ADD COLUMN age integer NOT NULL DEFAULT <value>" in finding.recipe
+
+
+def test_allow_comment_silences_the_rollback_finding_of_its_statement() -> None:
+    sql = ["ALTER TABLE users ADD COLUMN a int", "CREATE INDEX CONCURRENTLY ON users (a)"]
+    assert [f.rule for f in lint_migration(Migration("m", sql))] == ["LS301"]
+    sql[1] = "-- lockstep:allow LS301 an index is harmless to leave\n" + sql[1]
+    assert lint_migration(Migration("m", sql)) == []
+    unnamed = Migration("m", ["CREATE INDEX CONCURRENTLY ON users (b)"])
+    assert [f.rule for f in lint_migration(unnamed)] == ["LS301"]
+    assert lint_migration(unnamed, allow={"LS301": "left in place on purpose"}) == []

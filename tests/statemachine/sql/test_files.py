@@ -98,8 +98,15 @@ def test_marker_without_space() -> None:
         ("-- lockstep:name a\n-- lockstep:name b\nSELECT 1;", 2, "duplicate"),
         ("-- lockstep:name\nSELECT 1;", 1, "needs a value"),
         ("-- lockstep:contract now\nSELECT 1;", 1, "takes no value"),
-        ("-- just a comment\n\n-- lockstep:contract\nSELECT 1;", 1, "no statements"),
-        ("-- lockstep:sql\n-- lockstep:contract\nSELECT 1;", 1, "no statements"),
+        ("-- just a comment\n\n-- lockstep:rollback\nSELECT 1;", 1, "no statements"),
+        ("-- lockstep:sql\n-- lockstep:contract\n", 1, "no statements"),
+        ("-- LOCKSTEP:CONTRACT\nDROP TABLE t;", 1, "'-- lockstep:contract'"),
+        ("SELECT 1;\n-- Lockstep:Rollback\n", 2, "lower case"),
+        ("SELECT 1;\n-- lockstep :contract\n", 2, "no space before the colon"),
+        ("-- lockstep:allow LS105\nSELECT 1;", 1, "needs a reason"),
+        ("-- lockstep:allow LS999 why\nSELECT 1;", 1, "no such rule"),
+        ("SELECT 1;\n-- lockstep:allow LS105 why\n", 2, "must come before the statement"),
+        ("SELECT 1\nFROM WHERE;", 2, "syntax error at or near"),
         ("SELECT 1;\n-- lockstep:backfill\n\ntable=t\n", 4, "missing set="),
         ("SELECT 1;\n-- lockstep:backfill\ntable=t set=x colour=red\n", 3, "unknown key"),
         ("SELECT 1;\n-- lockstep:backfill\ntable=t set=x batch_size=lots\n", 3, "batch_size"),
@@ -156,3 +163,34 @@ def test_natural_sort() -> None:
         "a10.sql",
         "b.sql",
     ]
+
+
+def test_contract_only_migration_is_allowed() -> None:
+    m = parse_migration_text("-- lockstep:contract\nDROP TABLE old;", default_name="c")
+    assert m.sql == () and m.contract_sql == ("DROP TABLE old",)
+
+
+def test_byte_order_mark_is_ignored() -> None:
+    m = parse_migration_text("\ufeffALTER TABLE t ADD COLUMN c int;", default_name="b")
+    assert m.sql == ("ALTER TABLE t ADD COLUMN c int",)
+
+
+def test_syntax_error_message_has_no_doubled_words() -> None:
+    with pytest.raises(MigrationFileError) as info:
+        parse_migration_text("SELECT 1\nFROM WHERE;", default_name="x")
+    assert "syntax error: syntax error" not in str(info.value)
+
+
+def test_allow_markers_stay_with_their_statement_and_keep_lines() -> None:
+    text = (
+        "ALTER TABLE t ADD COLUMN a int;\n"
+        "-- lockstep:allow LS105 the table has ten rows\n"
+        "ALTER TABLE t ALTER COLUMN a TYPE bigint;\n"
+        "-- lockstep:allow-file LS301 rolled back by hand\n"
+    )
+    source = parse_migration_source(text, default_name="a")
+    assert source.migration.sql[1] == (
+        "-- lockstep:allow LS105 the table has ten rows\nALTER TABLE t ALTER COLUMN a TYPE bigint"
+    )
+    assert source.lines["sql"] == (1, 2)
+    assert dict(source.allow) == {"LS301": "rolled back by hand"}

@@ -153,3 +153,17 @@ def test_try_derive_success_and_syntax_error() -> None:
 
 def test_nothing_to_derive() -> None:
     assert derive_rollback([]) == []
+
+
+def test_defaults_of_added_columns_comments_and_own_sequences_need_no_inverse() -> None:
+    assert derive_rollback(
+        [
+            "CREATE SEQUENCE s",
+            "ALTER TABLE t ADD COLUMN c int",
+            "ALTER TABLE t ALTER COLUMN c SET DEFAULT nextval('s')",
+            "ALTER SEQUENCE s OWNED BY t.c",
+            "COMMENT ON COLUMN t.c IS 'why'",
+        ]
+    ) == ["ALTER TABLE t DROP COLUMN IF EXISTS c", "DROP SEQUENCE IF EXISTS s"]
+    with pytest.raises(CannotDeriveRollback, match="not purely additive"):
+        derive_rollback(["ALTER TABLE t ALTER COLUMN c SET DEFAULT 0"])

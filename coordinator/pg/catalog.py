@@ -1,0 +1,63 @@
+"""Read the live catalog into `statemachine.sql.Catalog`, for catalog-aware lint.
+
+Why a snapshot read in three queries: lint stays pure and fast (it never queries per
+statement), and the same snapshot serves every file of a run. Emptiness is exact, not an
+estimate: a table is empty only when its main fork has no pages (``pg_relation_size = 0``), so
+a table never vacuumed or analyzed is not mistaken for an empty one; partitioned tables and
+views are never called empty.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+
+from statemachine.sql.catalog import Catalog, ColumnInfo, TableInfo, Volatility
+
+_TABLES = """
+SELECT c.oid, n.nspname, c.relname, c.relkind IN ('r', 'm') AND pg_relation_size(c.oid) = 0
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE c.relkind IN ('r', 'p', 'm', 'v', 'f')
+  AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg\\_%'
+"""
+_COLUMNS = """
+SELECT a.attrelid, a.attname, format_type(a.atttypid, a.atttypmod), a.attnotnull
+FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid
+JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE a.attnum > 0 AND NOT a.attisdropped AND c.relkind IN ('r', 'p', 'm', 'v', 'f')
+  AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg\\_%'
+"""
+_FUNCTIONS = """
+SELECT n.nspname, p.proname, p.provolatile FROM pg_proc p
+JOIN pg_namespace n ON n.oid = p.pronamespace
+"""
+_VOLATILITY: dict[str, Volatility] = {"i": "immutable", "s": "stable", "v": "volatile"}
+_ORDER = {"immutable": 0, "stable": 1, "volatile": 2}
+
+
+def read_catalog(conn: psycopg.Connection[Any]) -> Catalog:
+    """The catalog as `conn` sees it (its search path resolves unqualified names)."""
+    columns: dict[int, dict[str, ColumnInfo]] = {}
+    for relid, name, type_, not_null in conn.execute(_COLUMNS).fetchall():
+        columns.setdefault(int(relid), {})[str(name)] = ColumnInfo(str(type_), bool(not_null))
+    tables = {
+        f"{schema}.{name}": TableInfo(bool(empty), columns.get(int(relid), {}))
+        for relid, schema, name, empty in conn.execute(_TABLES).fetchall()
+    }
+    functions: dict[str, Volatility] = {}
+    for schema, name, code in conn.execute(_FUNCTIONS).fetchall():
+        volatility = _VOLATILITY.get(str(code), "volatile")
+        for key in (f"{schema}.{name}", str(name)):
+            known = functions.get(key)
+            if known is None or _ORDER[volatility] > _ORDER[known]:
+                functions[key] = volatility
+    row = conn.execute("SELECT current_schemas(false)").fetchone()
+    search_path = tuple(str(s) for s in (row[0] if row else ["public"]))
+    return Catalog(tables, functions, search_path)
+
+
+def load_catalog(dsn: str) -> Catalog:
+    """Connect, read the catalog, disconnect (blocking: from trio, run it in a thread)."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        return read_catalog(conn)
