@@ -7,6 +7,7 @@ same thing as a `nursery.start`-able task for host programs that prefer that sha
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import ssl
@@ -20,19 +21,36 @@ from coordinator.connection import serve_connection
 from coordinator.events import EventBus, MigrationFinished, Subscriber
 from coordinator.executor import Executor, PostgresExecutor
 from coordinator.fleet import Fleet
-from coordinator.history import History, InMemoryHistory, PostgresHistory, checksum
+from coordinator.history import (
+    History,
+    InMemoryHistory,
+    PostgresHistory,
+    UnfinishedRun,
+    checksum,
+)
 from coordinator.pg.attempts import DEFAULT_STATEMENT_TIMEOUT, RetryPolicy
+from coordinator.pg.catalog import load_catalog
 from coordinator.runner import MigrationRun
+from statemachine.checkpoint import Checkpoint, restore
 from statemachine.exceptions import AlreadyApplied, unwrap_single_group
 from statemachine.gate import admit
 from statemachine.ledger import AckOutcome
 from statemachine.migration import Migration
-from statemachine.phases import MigrationStatus
+from statemachine.phases import MigrationStatus, Phase
 from statemachine.protocol import Ack, Nack
 from statemachine.result import MigrationResult
 from statemachine.sql import build_plan
+from statemachine.sql.catalog import Catalog
 
 log = logging.getLogger("lockstep.coordinator")
+
+
+@dataclasses.dataclass
+class _Resumption:
+    run: MigrationRun
+    committed: set[tuple[Phase, int]]
+    done: trio.Event = dataclasses.field(default_factory=trio.Event)
+    result: MigrationResult | None = None
 
 
 class Coordinator:
@@ -66,6 +84,9 @@ class Coordinator:
         self._applied: list[str] = []
         self._queue = trio.Lock()
         self._active: MigrationRun | None = None
+        #: Runs a coordinator that stopped left unfinished, by name, until this one finished
+        #: them (`adopt`, `resume_unfinished`).
+        self._resuming: dict[str, _Resumption] = {}
 
     # ------------------------------------------------------------- public API
     @property
@@ -98,7 +119,10 @@ class Coordinator:
         Returns the result whether it completed or rolled back; raises only for misuse
         (`MigrationRejected`, `AlreadyApplied` when the name already completed here).
         """
-        plan = build_plan(migration)
+        resumed = await self._wait_for_resumption(migration)
+        if resumed is not None:
+            return resumed
+        plan = build_plan(migration, catalog=await self._catalog())
         lint_warnings = admit(plan, force=force)
         for warning in lint_warnings:
             log.warning("%s: %s", migration.name, warning)
@@ -121,20 +145,103 @@ class Coordinator:
                 executor=self.executor,
                 events=self.events,
                 ack_timeout=self.ack_timeout,
+                history=self.history,
                 warnings=lint_warnings,
             )
-            await self.history.record_start(migration)
-            self._active = run
-            try:
-                result = await run.run()
-            finally:
-                self._active = None
+            await self.history.record_start(migration, Checkpoint.of(run.machine))
+            return await self._drive_run(run)
+
+    async def _drive_run(
+        self, run: MigrationRun, *, rollback_on_cancel: bool = True
+    ) -> MigrationResult:
+        """Run `run` to its end as the active migration; the caller holds the locks.
+
+        Cancelled with `rollback_on_cancel` (a host cancelling its `run_migration`), the run
+        rolls back first; without it (the coordinator closing while it resumes a run in the
+        background) the run stops where it is and its durable state is left for the next
+        coordinator, which resumes it.
+        """
+        migration = run.migration
+        self._active = run
+        try:
+            result = await run.run(rollback_on_cancel=rollback_on_cancel)
+        finally:
+            self._active = None
+            final = run.result()
+            if final.status is not MigrationStatus.RUNNING:
                 with trio.CancelScope(shield=True):
-                    await self.history.record_finish(migration, run.result())
-            if result.status is MigrationStatus.COMPLETED:
-                self._applied.append(migration.name)
-            self.events.emit(MigrationFinished(migration.name, result.status, result.reason))
-            return result
+                    await self.history.record_finish(migration, final)
+        if result.status is MigrationStatus.COMPLETED:
+            self._applied.append(migration.name)
+        self.events.emit(MigrationFinished(migration.name, result.status, result.reason))
+        return result
+
+    # -------------------------------------------------------------- resuming
+    def adopt(self, runs: Sequence[UnfinishedRun]) -> None:
+        """Take over runs a stopped coordinator left, before any agent is served.
+
+        The oldest becomes the active migration at once, so the Welcome every reconnecting
+        agent gets already tells the truth (applied once EXECUTE committed, and forward-only
+        once CONTRACT committed); `resume_unfinished` then drives them.
+        """
+        for unfinished in runs:
+            migration, checkpoint = unfinished.migration, unfinished.checkpoint
+            machine = restore(
+                checkpoint,
+                has_contract=bool(migration.contract_sql),
+                connected=self.fleet.agent_ids,
+            )
+            run = MigrationRun(
+                migration,
+                build_plan(migration),
+                fleet=self.fleet,
+                executor=self.executor,
+                events=self.events,
+                ack_timeout=self.ack_timeout,
+                history=self.history,
+                machine=machine,
+                warnings=[
+                    f"resumed by a new coordinator: the previous one stopped in "
+                    f"{checkpoint.state.name}"
+                    + (" (EXECUTE committed)" if checkpoint.executed else "")
+                    + (" (CONTRACT committed)" if checkpoint.contracted else "")
+                ],
+            )
+            self._resuming[migration.name] = _Resumption(run, set(unfinished.journal))
+            if self._active is None:
+                self._active = run
+
+    async def resume_unfinished(self) -> None:
+        """Finish the adopted runs, oldest first, each under the migration lock."""
+        for name, resumption in list(self._resuming.items()):
+            run = resumption.run
+            log.warning(
+                "resuming migration %r, left unfinished by a coordinator that stopped (%s)",
+                name,
+                run.machine.state.name,
+            )
+            async with self._queue, self.history.migration_lock():
+                run.journal = self.history.journal(run.migration)
+                if run.journal is not None:
+                    run.journal.committed.update(resumption.committed)
+                resumption.result = await self._drive_run(run, rollback_on_cancel=False)
+            resumption.done.set()
+            del self._resuming[name]
+
+    async def _wait_for_resumption(self, migration: Migration) -> MigrationResult | None:
+        """A migration being resumed under that name is the one to report: wait for it."""
+        resumption = self._resuming.get(migration.name)
+        if resumption is None:
+            return None
+        if resumption.run.migration.to_json() | {"id": None} != migration.to_json() | {"id": None}:
+            log.warning(
+                "%s: the file differs from the migration being resumed; reporting the "
+                "resumed one (its SQL is what ran)",
+                migration.name,
+            )
+        await resumption.done.wait()
+        assert resumption.result is not None
+        return resumption.result
 
     async def run_migrations(
         self, migrations: Sequence[Migration], *, force: bool = False
@@ -145,6 +252,12 @@ class Coordinator:
         """
         results = []
         for migration in migrations:
+            resumed = await self._wait_for_resumption(migration)
+            if resumed is not None:
+                results.append(resumed)
+                if resumed.status is not MigrationStatus.COMPLETED:
+                    break
+                continue
             await self.load_history()
             if migration.name in self._applied:
                 continue
@@ -153,6 +266,23 @@ class Coordinator:
             if result.status is not MigrationStatus.COMPLETED:
                 break
         return results
+
+    async def _catalog(self) -> Catalog | None:
+        """The live catalog for the lint gate (volatility, table sizes, column types), or
+        None, and lint stays conservative, when the executor has no database or it cannot
+        be read."""
+        dsn = getattr(self.executor, "dsn", None)
+        if not isinstance(dsn, str):
+            return None
+        try:
+            return await trio.to_thread.run_sync(load_catalog, dsn)
+        except Exception as exc:  # a catalog is an optimisation: never a reason to fail
+            log.warning("lint gate without the catalog (%s): it stays conservative", exc)
+            return None
+
+    def completed_names(self) -> list[str]:
+        """Migrations completed on this database (a resumed one only once it finished)."""
+        return list(self._applied)
 
     # ------------------------------------------------- used by the connections
     def applied_names(self) -> list[str]:
@@ -247,12 +377,11 @@ async def open_coordinator(
     """
     history = PostgresHistory(dsn)
     await history.ensure_schema()
-    for name in await history.mark_interrupted():
-        log.warning(
-            "migration %r was left running by a coordinator that stopped: marked interrupted; "
-            "check the schema (its rollback did not run)",
-            name,
-        )
+    # Runs a stopped coordinator left are resumed, unless a live one still holds the lock
+    # (then they are its own, in progress).
+    unfinished = await history.unfinished() if await history.lock_is_free() else []
+    for name in await history.mark_unresumable():
+        log.warning("migration %r was left running with no checkpoint: marked interrupted", name)
     coordinator = Coordinator(
         executor=executor
         or PostgresExecutor(
@@ -267,9 +396,12 @@ async def open_coordinator(
         token=token,
     )
     await coordinator.load_history()
+    coordinator.adopt(unfinished)
     with unwrap_single_group():
         async with trio.open_nursery() as nursery:
             await nursery.start(coordinator.serve, host, port, ssl_context)
+            if unfinished:
+                nursery.start_soon(coordinator.resume_unfinished)
             try:
                 yield coordinator
             finally:

@@ -35,7 +35,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import psycopg
@@ -46,6 +46,7 @@ from psycopg import sql as pgsql
 
 from coordinator.backfill import run_backfill
 from coordinator.events import Reporter
+from coordinator.history import GroupJournal
 from coordinator.pg import thread as pgthread
 from coordinator.pg.attempts import (
     DEFAULT_LOCK_TIMEOUT,
@@ -75,7 +76,12 @@ class ReportingExecutor(Protocol):
     """An executor that reports progress and runs backfills (the runner checks for it)."""
 
     async def run_phase_reporting(
-        self, phase: Phase, groups: Sequence[ExecutionGroup], report: Reporter
+        self,
+        phase: Phase,
+        groups: Sequence[ExecutionGroup],
+        report: Reporter,
+        *,
+        journal: GroupJournal | None = None,
     ) -> list[SqlAttempt]: ...
 
     async def run_backfill(self, backfill: Backfill, report: Reporter) -> BackfillStats: ...
@@ -173,13 +179,26 @@ class PostgresExecutor:
         return await self.run_phase_reporting(phase, groups, Reporter(""))
 
     async def run_phase_reporting(
-        self, phase: Phase, groups: Sequence[ExecutionGroup], report: Reporter
+        self,
+        phase: Phase,
+        groups: Sequence[ExecutionGroup],
+        report: Reporter,
+        *,
+        journal: GroupJournal | None = None,
     ) -> list[SqlAttempt]:
-        """Run the planned groups one by one; raise `SqlFailure` (with `committed_groups`)."""
+        """Run the planned groups one by one; raise `SqlFailure` (with `committed_groups`).
+
+        With a `journal`, groups it lists as committed are skipped (a resumed run never runs
+        committed SQL twice) and each group that commits is marked in it: inside the group's
+        own transaction, so the mark and the SQL commit together or not at all.
+        """
         attempts: list[SqlAttempt] = []
         for index, group in enumerate(groups):
+            if journal is not None and (phase, index) in journal.committed:
+                report.say(phase, f"group {index + 1}/{len(groups)} committed before: skipped")
+                continue
             try:
-                attempts += await self._run_group(phase, index, len(groups), group, report)
+                attempts += await self._run_group(phase, index, len(groups), group, report, journal)
             except SqlFailure as exc:
                 raise SqlFailure(
                     exc.statement,
@@ -192,7 +211,13 @@ class PostgresExecutor:
         return attempts
 
     async def _run_group(
-        self, phase: Phase, index: int, count: int, group: ExecutionGroup, report: Reporter
+        self,
+        phase: Phase,
+        index: int,
+        count: int,
+        group: ExecutionGroup,
+        report: Reporter,
+        journal: GroupJournal | None,
     ) -> list[SqlAttempt]:
         how = "transaction" if group.transactional else "autocommit"
         label = f"group {index + 1}/{count} [{how}, {plural(len(group.statements), 'statement')}]"
@@ -215,15 +240,20 @@ class PostgresExecutor:
                 )
             )
 
+        def mark(conn: psycopg.Connection[Any]) -> None:
+            if journal is not None:
+                journal.mark(conn, phase, index)
+
         def execute_all(conn: psycopg.Connection[Any], current: list[str | None]) -> None:
             for statement in group.statements:
                 current[0] = statement
                 conn.execute(statement.encode())
+            mark(conn)
 
         async def attempt() -> AttemptOutcome[None]:
             if group.transactional:
                 return await self.session.transaction_attempt(group.statements, execute_all)
-            return await self._autocommit_attempt(group.statements[0])
+            return await self._autocommit_attempt(group.statements[0], mark)
 
         try:
             await self.session.with_lock_retries(
@@ -241,7 +271,9 @@ class PostgresExecutor:
         return attempts
 
     # -------------------------------------------------------------- attempts
-    async def _autocommit_attempt(self, statement: str) -> AttemptOutcome[None]:
+    async def _autocommit_attempt(
+        self, statement: str, mark: Callable[[psycopg.Connection[Any]], None]
+    ) -> AttemptOutcome[None]:
         """One statement alone on an autocommit connection, dropping an INVALID index it left."""
         conn = await pgthread.connect(self.dsn, autocommit=True)
         try:
@@ -260,6 +292,9 @@ class PostgresExecutor:
 
             def execute() -> None:
                 conn.execute(statement.encode())
+                # Committed already (autocommit): a crash between the two runs it again on
+                # resume, which is why such statements should be idempotent (docs/durability.md).
+                mark(conn)
 
             succeeded = False
             try:

@@ -1,10 +1,20 @@
-"""The migration history table and the one-migration-per-database lock.
+"""The durable state of migrations in PostgreSQL: history, checkpoints, journal, leader epoch.
 
 Like Flyway's schema history, every migration lockstep runs leaves a row in
-`lockstep.migrations` (status, phases, reason, checksum of its SQL). The coordinator reads the
-completed names at start-up to tell joining agents which query set to use, and refuses to run a
-name twice. A session advisory lock, held on its own connection for the whole migration, makes
-a second coordinator on the same database wait its turn (invariant 5 in docs/design.md).
+`lockstep.migrations` (status, phases, reason, checksum of its SQL). Since schema version 2
+the row is also the migration's durable state while it runs: the spec itself (so a successor
+can finish it without the file), the checkpoint of its state machine (written before the
+coordinator acts on a new state) and the journal of execution groups that committed (written
+inside each group's own transaction, so "did it commit?" is never a guess). The coordinator
+reads the completed names at start-up to tell joining agents which query set to use, and
+refuses to run a name twice.
+
+A session advisory lock, held on its own connection for the whole migration, makes a second
+coordinator on the same database wait its turn (invariant 5 in docs/design.md). Whoever takes
+it increments the epoch in `lockstep.leader`; every write of a run's state is conditional on
+that epoch still being the holder's, so a coordinator that lost its lock session without
+knowing it can change nothing (`Deposed`): its EXECUTE or CONTRACT transaction rolls back
+with the journal write that fails.
 """
 
 from __future__ import annotations
@@ -14,20 +24,31 @@ import dataclasses
 import datetime
 import hashlib
 import json
+import os
+import socket
 from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
+import psycopg
 import trio
 
 from coordinator.pg import thread as pgthread
+from statemachine.checkpoint import Checkpoint
+from statemachine.exceptions import LockstepError
 from statemachine.migration import Migration
-from statemachine.phases import MigrationStatus
+from statemachine.phases import MigrationStatus, Phase
 from statemachine.result import MigrationResult
 
 #: Key of the advisory lock (the bytes "lockstep" read as a signed 64-bit integer).
 ADVISORY_LOCK_KEY = int.from_bytes(b"lockstep", "big", signed=True)
 
+#: Version of the `lockstep` schema this code reads and writes.
+SCHEMA_VERSION = 2
+
+#: Creates or upgrades the schema. Run under a transaction-level advisory lock, so two
+#: coordinators starting at once do not race on CREATE ... IF NOT EXISTS.
 SCHEMA_SQL = """
+SELECT pg_advisory_xact_lock({key});
 CREATE SCHEMA IF NOT EXISTS lockstep;
 CREATE TABLE IF NOT EXISTS lockstep.migrations (
     id           text PRIMARY KEY,
@@ -42,7 +63,39 @@ CREATE TABLE IF NOT EXISTS lockstep.migrations (
 );
 CREATE UNIQUE INDEX IF NOT EXISTS migrations_completed_name
     ON lockstep.migrations (name) WHERE status = 'completed';
+ALTER TABLE lockstep.migrations
+    ADD COLUMN IF NOT EXISTS spec jsonb,
+    ADD COLUMN IF NOT EXISTS checkpoint jsonb,
+    ADD COLUMN IF NOT EXISTS journal jsonb NOT NULL DEFAULT '[]',
+    ADD COLUMN IF NOT EXISTS updated_at timestamptz;
+CREATE TABLE IF NOT EXISTS lockstep.leader (
+    id     int PRIMARY KEY CHECK (id = 1),
+    epoch  bigint NOT NULL,
+    holder text,
+    since  timestamptz NOT NULL DEFAULT now()
+);
+INSERT INTO lockstep.leader (id, epoch) VALUES (1, 0) ON CONFLICT (id) DO NOTHING;
+CREATE TABLE IF NOT EXISTS lockstep.schema_version (version int NOT NULL);
+DELETE FROM lockstep.schema_version;
+INSERT INTO lockstep.schema_version (version) VALUES ({version});
 """
+
+#: Fences a write: true only while `epoch` is still the leader's.
+_FENCE = "%(epoch)s = (SELECT epoch FROM lockstep.leader WHERE id = 1)"
+
+
+class Deposed(LockstepError):
+    """Raised when a write of a run's state finds another coordinator took the lock since
+    (the epoch moved on): this coordinator must stop acting on the migration at once."""
+
+
+@dataclasses.dataclass(frozen=True)
+class UnfinishedRun:
+    """A migration a coordinator started and did not finish: what a successor resumes."""
+
+    migration: Migration
+    checkpoint: Checkpoint
+    journal: frozenset[tuple[Phase, int]]
 
 
 def checksum(migration: Migration) -> str:
@@ -70,20 +123,50 @@ class HistoryRow:
 
 
 class History(Protocol):
+    """Where the coordinator keeps migrations: the history and the durable run state."""
+
     async def applied(self) -> list[AppliedMigration]: ...
 
-    async def record_start(self, migration: Migration) -> None: ...
+    async def unfinished(self) -> list[UnfinishedRun]:
+        """Runs started and not finished, oldest first (a successor resumes them)."""
+        ...
+
+    async def record_start(self, migration: Migration, checkpoint: Checkpoint) -> None: ...
+
+    async def save(self, migration: Migration, checkpoint: Checkpoint) -> None:
+        """Persist `checkpoint` before the coordinator acts on it; `Deposed` if fenced off."""
+        ...
+
+    def journal(self, migration: Migration) -> GroupJournal | None:
+        """The journal of `migration`'s committed execution groups (None: not kept)."""
+        ...
 
     async def record_finish(self, migration: Migration, result: MigrationResult) -> None: ...
 
     def migration_lock(self) -> contextlib.AbstractAsyncContextManager[None]: ...
 
 
+class GroupJournal(Protocol):
+    """Which execution groups of a run committed; the executor skips them and marks the rest.
+
+    `mark` runs in the executor's worker thread on the connection that ran the group: inside
+    the group's transaction for a transactional group (the mark commits with the SQL or not
+    at all), right after the statement for an autocommit one. It raises `Deposed` when the
+    epoch moved on, which aborts the group's transaction.
+    """
+
+    committed: set[tuple[Phase, int]]
+
+    def mark(self, conn: psycopg.Connection[Any], phase: Phase, group: int) -> None: ...
+
+
 class InMemoryHistory:
-    """History for tests and embedding without a database of record."""
+    """History for tests and embedding without a database of record (nothing survives the
+    process, so there is never anything to resume)."""
 
     def __init__(self) -> None:
         self.rows: dict[str, tuple[Migration, MigrationResult | None]] = {}
+        self.checkpoints: dict[str, Checkpoint] = {}
         self._lock = trio.Lock()
 
     async def applied(self) -> list[AppliedMigration]:
@@ -93,8 +176,18 @@ class InMemoryHistory:
             if r is not None and r.status is MigrationStatus.COMPLETED
         ]
 
-    async def record_start(self, migration: Migration) -> None:
+    async def unfinished(self) -> list[UnfinishedRun]:
+        return []
+
+    async def record_start(self, migration: Migration, checkpoint: Checkpoint) -> None:
         self.rows[migration.id] = (migration, None)
+        self.checkpoints[migration.id] = checkpoint
+
+    async def save(self, migration: Migration, checkpoint: Checkpoint) -> None:
+        self.checkpoints[migration.id] = checkpoint
+
+    def journal(self, migration: Migration) -> GroupJournal | None:
+        return None
 
     async def record_finish(self, migration: Migration, result: MigrationResult) -> None:
         self.rows[migration.id] = (migration, result)
@@ -105,24 +198,80 @@ class InMemoryHistory:
             yield
 
 
+class PostgresJournal:
+    """`GroupJournal` kept in the run's row (`journal`, a JSON list of ``"phase:group"``)."""
+
+    def __init__(self, migration_id: str, epoch: int, committed: set[tuple[Phase, int]]) -> None:
+        self.migration_id = migration_id
+        self.epoch = epoch
+        self.committed = committed
+
+    def mark(self, conn: psycopg.Connection[Any], phase: Phase, group: int) -> None:
+        entry = json.dumps([f"{phase.value}:{group}"])
+        cur = conn.execute(
+            "UPDATE lockstep.migrations SET journal = journal || %(entry)s::jsonb, "
+            f"updated_at = now() WHERE id = %(id)s AND {_FENCE}",
+            {"entry": entry, "id": self.migration_id, "epoch": self.epoch},
+        )
+        if cur.rowcount != 1:
+            raise Deposed(
+                f"another coordinator took over migration {self.migration_id} "
+                f"(epoch {self.epoch} is no longer the leader's)"
+            )
+        self.committed.add((phase, group))
+
+
+def _parse_journal(raw: Any) -> set[tuple[Phase, int]]:
+    marks = set()
+    for entry in raw or ():
+        phase, _, group = str(entry).partition(":")
+        marks.add((Phase(phase), int(group)))
+    return marks
+
+
 class PostgresHistory:
+    """`History` in the target database's `lockstep` schema (module docstring)."""
+
     def __init__(self, dsn: str) -> None:
         self.dsn = dsn
+        #: The epoch this coordinator took with the migration lock (0: it holds none).
+        self.epoch = 0
 
-    async def _run(self, sql: str, params: tuple[object, ...] = ()) -> list[tuple[Any, ...]]:
+    async def _run(
+        self, sql: str, params: tuple[object, ...] | dict[str, object] = ()
+    ) -> list[tuple[Any, ...]]:
+        rows, _ = await self._run_counted(sql, params)
+        return rows
+
+    async def _run_counted(
+        self, sql: str, params: tuple[object, ...] | dict[str, object] = ()
+    ) -> tuple[list[tuple[Any, ...]], int]:
         conn = await pgthread.connect(self.dsn, autocommit=True)
         try:
 
-            def work() -> list[tuple[Any, ...]]:
+            def work() -> tuple[list[tuple[Any, ...]], int]:
                 cur = conn.execute(sql.encode(), params)
-                return list(cur.fetchall()) if cur.description else []
+                return (list(cur.fetchall()) if cur.description else []), cur.rowcount
 
             return await pgthread.run_in_thread(conn, work)
         finally:
             await pgthread.close(conn)
 
     async def ensure_schema(self) -> None:
-        await self._run(SCHEMA_SQL)
+        """Create or upgrade the `lockstep` schema to `SCHEMA_VERSION` (idempotent)."""
+        conn = await pgthread.connect(self.dsn)
+        try:
+
+            def work() -> None:
+                with conn.transaction():
+                    # Two integer constants of ours: formatting them in is safe, and a script of
+                    # several statements cannot take parameters.
+                    script = SCHEMA_SQL.format(key=ADVISORY_LOCK_KEY, version=SCHEMA_VERSION)
+                    conn.execute(script.encode())
+
+            await pgthread.run_in_thread(conn, work)
+        finally:
+            await pgthread.close(conn)
 
     async def applied(self) -> list[AppliedMigration]:
         rows = await self._run(
@@ -131,12 +280,59 @@ class PostgresHistory:
         )
         return [AppliedMigration(str(name), str(cs)) for name, cs in rows]
 
-    async def record_start(self, migration: Migration) -> None:
-        await self._run(
-            "INSERT INTO lockstep.migrations (id, name, checksum, status) "
-            "VALUES (%s, %s, %s, 'running')",
-            (migration.id, migration.name, checksum(migration)),
+    async def unfinished(self) -> list[UnfinishedRun]:
+        rows = await self._run(
+            "SELECT spec, checkpoint, journal FROM lockstep.migrations "
+            "WHERE status = 'running' AND spec IS NOT NULL AND checkpoint IS NOT NULL "
+            "ORDER BY started_at"
         )
+        return [
+            UnfinishedRun(
+                Migration.from_json(spec),
+                Checkpoint.from_json(checkpoint),
+                frozenset(_parse_journal(journal)),
+            )
+            for spec, checkpoint, journal in rows
+        ]
+
+    async def record_start(self, migration: Migration, checkpoint: Checkpoint) -> None:
+        await self._run(
+            "INSERT INTO lockstep.migrations (id, name, checksum, status, spec, checkpoint, "
+            "updated_at) VALUES (%s, %s, %s, 'running', %s, %s, now()) "
+            "ON CONFLICT (id) DO NOTHING",
+            (
+                migration.id,
+                migration.name,
+                checksum(migration),
+                json.dumps(migration.to_json()),
+                json.dumps(checkpoint.to_json()),
+            ),
+        )
+
+    async def save(self, migration: Migration, checkpoint: Checkpoint) -> None:
+        _, count = await self._run_counted(
+            "UPDATE lockstep.migrations SET checkpoint = %(checkpoint)s, updated_at = now() "
+            f"WHERE id = %(id)s AND status = 'running' AND {_FENCE}",
+            {
+                "checkpoint": json.dumps(checkpoint.to_json()),
+                "id": migration.id,
+                "epoch": self.epoch,
+            },
+        )
+        if count != 1:
+            raise Deposed(
+                f"migration {migration.name!r}: another coordinator took over "
+                f"(epoch {self.epoch} is no longer the leader's)"
+            )
+
+    def journal(self, migration: Migration) -> GroupJournal | None:
+        return PostgresJournal(migration.id, self.epoch, set())
+
+    async def journal_of(self, migration: Migration) -> set[tuple[Phase, int]]:
+        rows = await self._run(
+            "SELECT journal FROM lockstep.migrations WHERE id = %s", (migration.id,)
+        )
+        return _parse_journal(rows[0][0]) if rows else set()
 
     async def record_finish(self, migration: Migration, result: MigrationResult) -> None:
         phases = [
@@ -144,62 +340,92 @@ class PostgresHistory:
             for p in result.phases
         ]
         await self._run(
-            "UPDATE lockstep.migrations SET status = %s, finished_at = now(), phases = %s, "
-            "reason = %s, schema_restored = %s WHERE id = %s",
-            (
-                result.status.value,
-                json.dumps(phases),
-                result.reason,
-                result.schema_restored,
-                migration.id,
-            ),
+            "UPDATE lockstep.migrations SET status = %(status)s, finished_at = now(), "
+            "phases = %(phases)s, reason = %(reason)s, schema_restored = %(restored)s, "
+            f"updated_at = now() WHERE id = %(id)s AND {_FENCE}",
+            {
+                "status": result.status.value,
+                "phases": json.dumps(phases),
+                "reason": result.reason,
+                "restored": result.schema_restored,
+                "id": migration.id,
+                "epoch": self.epoch,
+            },
         )
 
-    async def mark_interrupted(self) -> list[str]:
-        """Mark rows left 'running' by a coordinator that died as 'interrupted'.
+    async def rows(self, limit: int = 50) -> list[HistoryRow]:
+        """The most recent migrations, newest first (read-only: none if lockstep never ran)."""
+        try:
+            found = await self._run(
+                "SELECT name, status, started_at, finished_at, reason, schema_restored "
+                "FROM lockstep.migrations ORDER BY started_at DESC LIMIT %s",
+                (limit,),
+            )
+        except psycopg.errors.UndefinedTable:
+            return []
+        return [HistoryRow(*row) for row in found]
 
-        Only when nobody holds the migration lock: a live coordinator elsewhere holds it for
-        its whole run, so its row must not be touched. Returns the names marked.
-        """
+    async def mark_unresumable(self) -> list[str]:
+        """Mark rows left 'running' without a checkpoint (written by a lockstep before
+        durable runs) as 'interrupted': nothing says how far they got. Only while nobody
+        holds the migration lock. Returns the names marked."""
         rows = await self._run(
             "WITH free AS (SELECT pg_try_advisory_xact_lock(%s) AS ok) "
             "UPDATE lockstep.migrations SET status = 'interrupted', finished_at = now(), "
-            "reason = 'the coordinator stopped before the migration finished: check the "
-            "schema, its rollback did not run' "
-            "WHERE status = 'running' AND (SELECT ok FROM free) RETURNING name",
+            "reason = 'the coordinator stopped before the migration finished and an older "
+            "lockstep kept no checkpoint: check the schema' "
+            "WHERE status = 'running' AND checkpoint IS NULL AND (SELECT ok FROM free) "
+            "RETURNING name",
             (ADVISORY_LOCK_KEY,),
         )
         return [str(name) for (name,) in rows]
 
-    async def rows(self, limit: int = 50) -> list[HistoryRow]:
-        """The most recent migrations, newest first."""
-        found = await self._run(
-            "SELECT name, status, started_at, finished_at, reason, schema_restored "
-            "FROM lockstep.migrations ORDER BY started_at DESC LIMIT %s",
-            (limit,),
+    async def lock_is_free(self) -> bool:
+        """True when no coordinator holds the migration lock right now (read-only probe)."""
+        rows = await self._run(
+            "SELECT count(*) = 0 FROM pg_locks WHERE locktype = 'advisory' AND granted "
+            "AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) "
+            "AND ((classid::bigint << 32) | objid::bigint) = %s",
+            (ADVISORY_LOCK_KEY,),
         )
-        return [HistoryRow(*row) for row in found]
+        return bool(rows[0][0])
 
     @contextlib.asynccontextmanager
     async def migration_lock(self) -> AsyncIterator[None]:
-        """Hold the database-wide advisory lock on a dedicated connection."""
+        """Hold the database-wide advisory lock on a dedicated connection and take a new
+        epoch: from now on only this coordinator's writes of run state succeed."""
         conn = await pgthread.connect(self.dsn, autocommit=True)
         try:
-            await pgthread.run_in_thread(
-                conn, lambda: conn.execute("SELECT pg_advisory_lock(%s)", (ADVISORY_LOCK_KEY,))
-            )
+
+            def take() -> int:
+                conn.execute("SELECT pg_advisory_lock(%s)", (ADVISORY_LOCK_KEY,))
+                row = conn.execute(
+                    "UPDATE lockstep.leader SET epoch = epoch + 1, holder = %s, since = now() "
+                    "WHERE id = 1 RETURNING epoch",
+                    (f"pid {os.getpid()} on {socket.gethostname()}",),
+                ).fetchone()
+                assert row is not None
+                return int(row[0])
+
+            self.epoch = await pgthread.run_in_thread(conn, take)
             yield
         finally:
+            self.epoch = 0
             # Closing the session releases the lock even if unlocking is never reached.
             await pgthread.close(conn)
 
 
 __all__ = [
     "ADVISORY_LOCK_KEY",
+    "SCHEMA_VERSION",
     "AppliedMigration",
+    "Deposed",
+    "GroupJournal",
     "History",
     "HistoryRow",
     "InMemoryHistory",
     "PostgresHistory",
+    "PostgresJournal",
+    "UnfinishedRun",
     "checksum",
 ]

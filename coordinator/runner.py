@@ -17,13 +17,16 @@ import logging
 import time
 from collections.abc import Sequence
 
+import psycopg
 import trio
 
 from coordinator.backfill import BackfillFailed
 from coordinator.events import AnswerReceived, EventBus, PhaseStarted, Reporter, SqlProgress
 from coordinator.executor import Executor, ReportingExecutor
 from coordinator.fleet import Fleet
-from coordinator.pg.errors import SqlFailure
+from coordinator.history import GroupJournal, History
+from coordinator.pg.errors import SqlFailure, pg_message
+from statemachine.checkpoint import Checkpoint
 from statemachine.gate import rollback_note
 from statemachine.ledger import AckOutcome
 from statemachine.migration import Migration
@@ -47,7 +50,10 @@ class MigrationRun:
         executor: Executor,
         events: EventBus,
         ack_timeout: float,
+        history: History | None = None,
         warnings: Sequence[str] = (),
+        machine: MigrationMachine | None = None,
+        journal: GroupJournal | None = None,
     ) -> None:
         self.migration = migration
         self.plan = plan
@@ -55,11 +61,20 @@ class MigrationRun:
         self.executor = executor
         self.events = events
         self.ack_timeout = migration.ack_timeout or ack_timeout
-        self.machine = MigrationMachine(
+        self.history = history
+        #: A resumed run is given the machine `statemachine.checkpoint.restore` rebuilt and
+        #: the journal of what already committed; a new one starts PENDING with an empty one.
+        self.machine = machine or MigrationMachine(
             migration.id,
             has_contract=bool(migration.contract_sql),
             connected=fleet.agent_ids,
         )
+        self.journal = (
+            journal
+            if journal is not None
+            else (history.journal(migration) if history is not None else None)
+        )
+        self._saved: Checkpoint | None = None
         self.attempts: list[SqlAttempt] = []
         self.backfills: list[BackfillStats] = []
         #: Warnings known before the run (lint).
@@ -80,6 +95,16 @@ class MigrationRun:
 
     def on_join(self, agent_id: str) -> None:
         self.machine.agent_connected(agent_id)
+        ledger = self.machine.ledger
+        if (
+            ledger is not None
+            and not ledger.closed
+            and agent_id in ledger.cohort
+            and agent_id in ledger.missing()
+        ):
+            # A cohort agent that (re)joins mid-phase missed the notice: without it the phase
+            # could only time out. Its Welcome goes out first, then this from its outbox.
+            self.fleet.send(agent_id, self._notice(ledger.phase, ack_required=True))
 
     def on_leave(self, agent_id: str) -> None:
         if self.machine.agent_disconnected(agent_id) is AckOutcome.RECORDED:
@@ -96,10 +121,18 @@ class MigrationRun:
         self._changed.set()
 
     # ------------------------------------------------------------- the drive
-    async def run(self) -> MigrationResult:
+    async def run(self, *, rollback_on_cancel: bool = True) -> MigrationResult:
+        """Drive the machine to a terminal state and return the result.
+
+        Cancelled, the run rolls back what can still be rolled back, shielded, unless
+        `rollback_on_cancel` is False: then it stops at once and its last checkpoint stays
+        durable for a successor to resume.
+        """
         try:
             await self._drive()
         except* trio.Cancelled:
+            if not rollback_on_cancel:
+                raise
             # The host cancelled us mid-migration: put things back before going away. (except*
             # because an executor's nursery may deliver the cancellation inside a group.)
             with trio.CancelScope(shield=True), trio.move_on_after(self.ack_timeout + 60):
@@ -114,9 +147,10 @@ class MigrationRun:
         if m.state is S.PENDING:
             m.start()
         while not m.is_terminal:
-            # A checkpoint per step: should the FSM ever fail to move, the loop stays
-            # cancellable instead of spinning the event loop.
-            await trio.lowlevel.checkpoint()
+            # Write-ahead: the state is durable before any agent hears of it or any SQL runs.
+            # (This await is also the loop's checkpoint: should the FSM ever fail to move,
+            # the loop stays cancellable instead of spinning the event loop.)
+            await self.persist()
             state = m.state
             phase = state.phase
             if state is S.EXECUTE:
@@ -133,13 +167,40 @@ class MigrationRun:
                     await self._restore_schema()
             else:  # pragma: no cover - the FSM has no other non-terminal state
                 raise AssertionError(f"runner has no work for state {state}")
+        await self.persist()
 
-    def _notify_phase(self, phase: Phase, *, ack_required: bool = False) -> None:
-        cohort = self.machine.ledger.cohort if self.machine.ledger else frozenset()
-        self.events.emit(
-            PhaseStarted(self.migration.name, phase, tuple(sorted(cohort)), ack_required)
-        )
-        frame = encode(
+    async def persist(self) -> None:
+        """Write the machine's checkpoint if it changed since the last write.
+
+        While the database is unreachable the run waits here, retrying with backoff: it
+        never tells agents, or runs SQL for, a state that is not durable. `Deposed` (another
+        coordinator took the lock) propagates: this one must stop acting at once.
+        """
+        if self.history is None:
+            await trio.lowlevel.checkpoint()
+            return
+        checkpoint = Checkpoint.of(self.machine)
+        if checkpoint == self._saved:
+            await trio.lowlevel.checkpoint()
+            return
+        delay = 0.1
+        while True:
+            try:
+                await self.history.save(self.migration, checkpoint)
+                break
+            except psycopg.OperationalError as exc:
+                log.warning(
+                    "%s: cannot write the migration's state (%s); retrying in %.1f s",
+                    self.migration.name,
+                    pg_message(exc),
+                    delay,
+                )
+                await trio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+        self._saved = checkpoint
+
+    def _notice(self, phase: Phase, *, ack_required: bool) -> str:
+        return encode(
             PhaseNotice(
                 migration_id=self.migration.id,
                 migration=self.migration.name,
@@ -148,6 +209,13 @@ class MigrationRun:
                 ack_timeout=self.ack_timeout,
             )
         )
+
+    def _notify_phase(self, phase: Phase, *, ack_required: bool = False) -> None:
+        cohort = self.machine.ledger.cohort if self.machine.ledger else frozenset()
+        self.events.emit(
+            PhaseStarted(self.migration.name, phase, tuple(sorted(cohort)), ack_required)
+        )
+        frame = self._notice(phase, ack_required=ack_required)
         # Acked phases go to their cohort; notices, and ROLLBACK (which must reach even the
         # agents it does not wait for), go to everybody connected.
         only = cohort if ack_required and phase is not Phase.ROLLBACK else None
@@ -171,7 +239,9 @@ class MigrationRun:
         if not groups:
             return []
         if isinstance(self.executor, ReportingExecutor):
-            return await self.executor.run_phase_reporting(phase, groups, self.report)
+            return await self.executor.run_phase_reporting(
+                phase, groups, self.report, journal=self.journal
+            )
         return await self.executor.run_phase(phase, groups)
 
     async def _run_sql(

@@ -5,7 +5,8 @@ from __future__ import annotations
 import dataclasses
 import re
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 from statemachine.exceptions import LockstepError
 
@@ -119,6 +120,35 @@ class Migration:
         set_(self, "backfills", tuple(backfills))
         set_(self, "ack_timeout", ack_timeout)
         set_(self, "id", id if id is not None else str(uuid.uuid4()))
+
+    def to_json(self) -> dict[str, Any]:
+        """The spec as a JSON-able dict: the durable state keeps it so a successor
+        coordinator can finish the migration without the file it came from."""
+        return {
+            "name": self.name,
+            "id": self.id,
+            "sql": list(self.sql),
+            "contract_sql": list(self.contract_sql),
+            "rollback_sql": None if self.rollback_sql is None else list(self.rollback_sql),
+            "backfills": [dataclasses.asdict(b) for b in self.backfills],
+            "ack_timeout": self.ack_timeout,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Migration:
+        """The inverse of `to_json`; `InvalidMigration` if the document does not make one."""
+        try:
+            return cls(
+                data["name"],
+                data["sql"],
+                rollback_sql=data.get("rollback_sql"),
+                contract_sql=data.get("contract_sql", ()),
+                backfills=[Backfill(**b) for b in data.get("backfills", ())],
+                ack_timeout=data.get("ack_timeout"),
+                id=data["id"],
+            )
+        except (KeyError, TypeError) as exc:
+            raise InvalidMigration(f"not a stored migration spec: {exc}") from exc
 
     def with_rollback(self, rollback_sql: Sequence[str]) -> Migration:
         """A copy with `rollback_sql` filled in (used once a rollback was derived)."""

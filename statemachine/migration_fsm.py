@@ -248,7 +248,12 @@ class MigrationMachine:
         if note:
             self.warnings.append(str(note))
 
-    def _entered(self, event: EventData) -> None:
+    def enter_current_state(self) -> None:
+        """Run the entry rules of the current state again: a new ledger for its phase, from
+        the agents connected now. Used when a successor coordinator resumes the machine."""
+        self._entered(None)
+
+    def _entered(self, event: EventData | None) -> None:
         self.history.append(StateRecord(self.state, self._clock()))
         phase = self.state.phase
         if self.ledger is not None:

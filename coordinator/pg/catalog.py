@@ -57,7 +57,17 @@ def read_catalog(conn: psycopg.Connection[Any]) -> Catalog:
     return Catalog(tables, functions, search_path)
 
 
-def load_catalog(dsn: str) -> Catalog:
-    """Connect, read the catalog, disconnect (blocking: from trio, run it in a thread)."""
-    with psycopg.connect(dsn, autocommit=True) as conn:
+def load_catalog(dsn: str, *, lock_timeout: float = 0.2, timeout: float = 5.0) -> Catalog:
+    """Connect, read the catalog, disconnect (blocking: from trio, run it in a thread).
+
+    Table sizes need a share lock on each table, so a session holding an exclusive lock
+    would stall the read: `lock_timeout` (and `timeout` for the whole read, in seconds) make
+    it fail fast instead, and callers fall back to conservative lint.
+    """
+    with psycopg.connect(dsn, autocommit=True, connect_timeout=max(1, round(timeout))) as conn:
+        conn.execute(
+            "SELECT set_config('lock_timeout', %s, false), "
+            "set_config('statement_timeout', %s, false)",
+            (f"{round(lock_timeout * 1000)}ms", f"{round(timeout * 1000)}ms"),
+        )
         return read_catalog(conn)

@@ -15,6 +15,7 @@ from typing import Literal
 
 from statemachine.migration import Backfill, Migration
 from statemachine.phases import Phase
+from statemachine.sql.catalog import Catalog
 from statemachine.sql.classify import ExecutionGroup, group_for_execution
 from statemachine.sql.lint import Finding, lint_migration
 from statemachine.sql.rollback import try_derive_rollback
@@ -123,8 +124,14 @@ def build_plan(
     *,
     existing_tables: frozenset[str] | None = None,
     lines: Mapping[str, Sequence[int]] | None = None,
+    catalog: Catalog | None = None,
+    allow: Mapping[str, str] | None = None,
 ) -> Plan:
-    """The plan for `migration`. Never raises for bad SQL: it shows up as an error instead."""
+    """The plan for `migration`. Never raises for bad SQL: it shows up as an error instead.
+
+    `catalog` (the live database's, when there is one) makes lint precise; without it lint
+    stays conservative. `allow` carries a file's ``lockstep:allow-file`` markers.
+    """
     if migration.rollback_sql is not None:
         rollback = RollbackPlan("given", _phase(Phase.ROLLBACK, migration.rollback_sql))
     else:
@@ -139,5 +146,13 @@ def build_plan(
         backfills=migration.backfills,
         contract=_phase(Phase.CONTRACT, migration.contract_sql),
         rollback=rollback,
-        findings=tuple(lint_migration(migration, existing_tables=existing_tables, lines=lines)),
+        findings=tuple(
+            lint_migration(
+                migration,
+                existing_tables=existing_tables,
+                lines=lines,
+                catalog=catalog,
+                allow=allow,
+            )
+        ),
     )

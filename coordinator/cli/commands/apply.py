@@ -210,7 +210,7 @@ async def _run_all(
     for file in files:
         migration = file.migration
         await coordinator.load_history()
-        if migration.name in coordinator.applied_names():
+        if migration.name in coordinator.completed_names():
             out.print(f"[dim]skipped {escape(migration.name)} (already completed)[/]")
             skipped += 1
             continue

@@ -43,18 +43,21 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError("status needs a database: pass --dsn or set LOCKSTEP_DSN")
     history = PostgresHistory(dsn)
 
-    async def load() -> tuple[list[str], list[HistoryRow]]:
-        await history.ensure_schema()
-        interrupted = await history.mark_interrupted()
-        return interrupted, await history.rows(args.limit)
+    async def load() -> tuple[bool, list[HistoryRow]]:
+        # Read-only: a status command must never change what it reports on.
+        rows = await history.rows(args.limit)
+        return (await history.lock_is_free() if rows else True), rows
 
     try:
-        interrupted, rows = trio.run(load)
+        lock_free, rows = trio.run(load)
     except psycopg.Error as exc:
         raise CommandError(f"cannot read the history: {str(exc).strip()}") from exc
     out = stdout_console()
-    for name in interrupted:
-        out.print(f"[yellow]marked interrupted:[/] {name}")
+    if lock_free and any(row.status == "running" for row in rows):
+        out.print(
+            "[yellow]no coordinator is running a migration now:[/] the next coordinator that "
+            "starts on this database resumes the runs shown as running"
+        )
     if not rows:
         out.print("no migrations recorded yet")
         return 0

@@ -1,4 +1,4 @@
-"""`lockstep status` lists the history and marks runs a dead coordinator left behind."""
+"""`lockstep status` lists the history, read-only, and says when a run waits for a coordinator."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import subprocess
 import psycopg
 import trio
 
-from coordinator import open_coordinator
 from coordinator.history import ADVISORY_LOCK_KEY, PostgresHistory
-from statemachine import Migration
+from statemachine import Migration, MigrationMachine
+from statemachine.checkpoint import Checkpoint
 from tests.support.cli import run_lockstep
 
 
@@ -17,49 +17,55 @@ def _status(dsn: str) -> subprocess.CompletedProcess[str]:
     return run_lockstep("status", "--dsn", dsn)
 
 
-def test_status_marks_a_dead_coordinators_run_interrupted(dsn: str) -> None:
+def _start_and_die(dsn: str, name: str) -> None:
+    """What a coordinator killed right after it recorded the start leaves behind."""
     history = PostgresHistory(dsn)
-
-    async def start_and_die() -> None:
-        await history.ensure_schema()
-        await history.record_start(Migration("crashed_mid_run", "SELECT 1"))
-
-    trio.run(start_and_die)
-    proc = _status(dsn)
-    assert proc.returncode == 0, proc.stderr
-    assert "marked interrupted: crashed_mid_run" in proc.stdout
-    with psycopg.connect(dsn) as conn:
-        row = conn.execute("SELECT status, reason FROM lockstep.migrations").fetchone()
-    assert row is not None and row[0] == "interrupted" and "rollback did not run" in row[1]
-
-
-def test_status_leaves_a_live_coordinators_run_alone(dsn: str) -> None:
-    history = PostgresHistory(dsn)
+    migration = Migration(name, "SELECT 1")
 
     async def start() -> None:
         await history.ensure_schema()
-        await history.record_start(Migration("still_running", "SELECT 1"))
+        machine = MigrationMachine(migration.id, has_contract=False)
+        await history.record_start(migration, Checkpoint.of(machine))
 
     trio.run(start)
+
+
+def _table(dsn: str) -> list[tuple[object, ...]]:
+    with psycopg.connect(dsn) as conn:
+        return conn.execute(
+            "SELECT name, status, checkpoint::text, updated_at FROM lockstep.migrations"
+        ).fetchall()
+
+
+def test_status_is_read_only_and_says_the_next_coordinator_resumes(dsn: str) -> None:
+    _start_and_die(dsn, "crashed")
+    before = _table(dsn)
+    proc = _status(dsn)
+    assert proc.returncode == 0, proc.stderr
+    assert "crashed" in proc.stdout and "running" in proc.stdout
+    assert "the next coordinator that starts on this database resumes" in proc.stdout
+    assert _table(dsn) == before, "status must not write"
+
+
+def test_status_leaves_a_live_coordinators_run_alone(dsn: str) -> None:
+    _start_and_die(dsn, "alive")
     with psycopg.connect(dsn, autocommit=True) as holder:
         holder.execute("SELECT pg_advisory_lock(%s)", (ADVISORY_LOCK_KEY,))
         proc = _status(dsn)
     assert proc.returncode == 0, proc.stderr
-    assert "marked interrupted" not in proc.stdout
-    assert "still_running" in proc.stdout and "running" in proc.stdout
+    assert "resumes" not in proc.stdout
+    assert "alive" in proc.stdout and "running" in proc.stdout
+
+
+def test_status_on_a_database_lockstep_never_touched(dsn: str) -> None:
+    proc = _status(dsn)
+    assert proc.returncode == 0, proc.stderr
+    assert "no migrations recorded yet" in proc.stdout
+    with psycopg.connect(dsn) as conn:
+        assert conn.execute("SELECT to_regnamespace('lockstep')").fetchone() == (None,)
 
 
 def test_status_without_a_database_is_a_clear_error() -> None:
     proc = run_lockstep("status", env={"PATH": "/usr/bin:/bin"})
     assert proc.returncode == 1
     assert "error: status needs a database" in proc.stderr
-
-
-async def test_a_new_coordinator_marks_a_dead_ones_run_interrupted(dsn: str) -> None:
-    history = PostgresHistory(dsn)
-    await history.ensure_schema()
-    await history.record_start(Migration("crashed_mid_run", "SELECT 1"))
-    async with open_coordinator(dsn):
-        pass
-    [row] = await history.rows()
-    assert (row.name, row.status) == ("crashed_mid_run", "interrupted")
