@@ -30,7 +30,8 @@ Invariants (I1-I4 are docs/design.md's; `docs/state-machine.md` lists the tests)
 - AGREE (fleet, `World` only): once the fleet is quiet after COMPLETED every connected agent
   runs the new schema (`is_applied`); after FAILED none does, except an agent whose
   `on_rollback` hook raised: it NACKed ROLLBACK and, by the agent FSM's design, keeps saying
-  it did not switch back (`tests/statemachine/test_agent_fsm.py`), which the result's warnings report.
+  it did not switch back (`tests/statemachine/test_agent_fsm.py`), which the result's warnings
+  report.
 """
 
 from __future__ import annotations
