@@ -166,7 +166,7 @@ async def test_bad_frames_in_a_row_are_bounded_even_when_read(dsn: str) -> None:
 
 
 # ------------------------------------------------------------------ identities
-@pytest.mark.parametrize("agent_id", ["victim-9\n", "vіctim", "victim\u200b", "ｖictim", ""])
+@pytest.mark.parametrize("agent_id", ["victim-9\n", "v\u0456ctim", "victim\u200b", "\uff56ictim", ""])
 def test_agent_ids_are_ascii_and_fully_matched(agent_id: str) -> None:
     frame = encode(Hello(protocol=PROTOCOL_VERSION, agent_id=agent_id))
     with pytest.raises(ProtocolError) as info:
@@ -188,6 +188,8 @@ async def test_one_agent_cannot_answer_for_another(dsn: str) -> None:
 
 
 async def test_shared_token_only_when_asked_for(dsn: str) -> None:
-    async with open_coordinator(dsn, port=0, token="s3cret", shared_token=True) as coord:
-        async with open_agent(coord.url, agent_id="legacy", token="s3cret") as agent:
-            assert agent.connected
+    async with (
+        open_coordinator(dsn, port=0, token="s3cret", shared_token=True) as coord,
+        open_agent(coord.url, agent_id="legacy", token="s3cret") as agent,
+    ):
+        assert agent.connected
