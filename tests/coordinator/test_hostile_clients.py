@@ -73,7 +73,7 @@ def test_deep_nesting_is_a_protocol_error_not_a_recursion_error(levels: int) -> 
 
 
 def test_brackets_inside_strings_are_not_nesting() -> None:
-    text = "[" * 500 + "]" * 500 + "\\\""
+    text = "[" * 500 + "]" * 500 + '\\"'
     nack = decode_agent_message(
         f'{{"type":"nack","migration_id":"m","phase":"apply","error":"{text}"}}'
     )
@@ -166,7 +166,9 @@ async def test_bad_frames_in_a_row_are_bounded_even_when_read(dsn: str) -> None:
 
 
 # ------------------------------------------------------------------ identities
-@pytest.mark.parametrize("agent_id", ["victim-9\n", "v\u0456ctim", "victim\u200b", "\uff56ictim", ""])
+@pytest.mark.parametrize(
+    "agent_id", ["victim-9\n", "v\u0456ctim", "victim\u200b", "\uff56ictim", ""]
+)
 def test_agent_ids_are_ascii_and_fully_matched(agent_id: str) -> None:
     frame = encode(Hello(protocol=PROTOCOL_VERSION, agent_id=agent_id))
     with pytest.raises(ProtocolError) as info:
