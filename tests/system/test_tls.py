@@ -96,7 +96,7 @@ def test_apply_serves_wss_with_a_certificate_and_key(
     cert.private_key_pem.write_to_path(str(key_pem))
     migration = tmp_path / "add_nick.sql"
     migration.write_text("ALTER TABLE users ADD COLUMN nick TEXT;\n")
-    args = ["apply", str(migration), "--dsn", dsn, "--port", "0"]
+    args = ["apply", str(migration), "--allow-no-agents", "--dsn", dsn, "--port", "0"]
     proc = run_lockstep(*args, "--tls-cert", str(cert_pem), "--tls-key", str(key_pem))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "coordinator listening on wss://127.0.0.1:" in proc.stdout

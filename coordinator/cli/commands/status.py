@@ -1,16 +1,24 @@
-"""`lockstep status`: the migration history of a database, newest first."""
+"""`lockstep status`: the migration history of a database, newest first.
+
+Every cell comes from the database (names, reasons holding agents' NACK text), so each goes
+through `safe`: ``[/]`` or ``ESC[2J`` in a reason is shown as text. ``--json`` prints
+``{"interrupted": [names], "migrations": [{"name", "status", "started_at", "finished_at",
+"schema_restored", "reason"}]}`` (times in ISO 8601).
+"""
 
 from __future__ import annotations
 
 import argparse
-import os
 from typing import TYPE_CHECKING
 
 import psycopg
 import trio
 from rich.table import Table
 
-from coordinator.cli.commands import CommandError, stdout_console
+from coordinator.cli import options
+from coordinator.cli.commands import CommandError
+from coordinator.cli.embedded import configured_dsn
+from coordinator.cli.output import Output, safe
 from coordinator.history import HistoryRow, PostgresHistory
 
 if TYPE_CHECKING:
@@ -30,21 +38,28 @@ def register(subparsers: Subparsers) -> None:
             "migration lock."
         ),
     )
+    options.add_database(parser)
+    options.add_output(parser)
     parser.add_argument(
-        "--dsn", default=None, help="libpq connection string or URI (default: $LOCKSTEP_DSN)"
+        "--limit", type=options.at_least_one, default=50, help="how many rows (default 50)"
     )
-    parser.add_argument("--limit", type=int, default=50, help="how many rows (default 50)")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    dsn = args.dsn or os.environ.get("LOCKSTEP_DSN")
+    dsn = configured_dsn(args.dsn)
     if not dsn:
         raise CommandError("status needs a database: pass --dsn or set LOCKSTEP_DSN")
-    history = PostgresHistory(dsn)
+    history = PostgresHistory(options.with_connect_timeout(dsn, args.connect_timeout))
 
     async def load() -> tuple[list[str], list[HistoryRow]]:
-        await history.ensure_schema()
+        for attempt in range(3):  # two first runs at once race on CREATE SCHEMA IF NOT EXISTS
+            try:
+                await history.ensure_schema()
+                break
+            except psycopg.errors.UniqueViolation:
+                if attempt == 2:
+                    raise
         interrupted = await history.mark_interrupted()
         return interrupted, await history.rows(args.limit)
 
@@ -52,21 +67,37 @@ def run(args: argparse.Namespace) -> int:
         interrupted, rows = trio.run(load)
     except psycopg.Error as exc:
         raise CommandError(f"cannot read the history: {str(exc).strip()}") from exc
-    out = stdout_console()
+    out = Output(json_mode=args.json, verbosity=options.verbosity(args))
+    out.emit_json(
+        {
+            "interrupted": interrupted,
+            "migrations": [
+                {
+                    "name": row.name,
+                    "status": row.status,
+                    "started_at": row.started_at.isoformat(),
+                    "finished_at": None if row.finished_at is None else row.finished_at.isoformat(),
+                    "schema_restored": row.schema_restored,
+                    "reason": row.reason,
+                }
+                for row in rows
+            ],
+        }
+    )
     for name in interrupted:
-        out.print(f"[yellow]marked interrupted:[/] {name}")
+        out.print(f"[yellow]marked interrupted:[/] {safe(name)}")
     if not rows:
         out.print("no migrations recorded yet")
         return 0
     table = Table("name", "status", "started", "finished", "schema restored", "reason")
     for row in rows:
         table.add_row(
-            row.name,
-            row.status,
+            safe(row.name),
+            safe(row.status),
             f"{row.started_at:%Y-%m-%d %H:%M:%S}",
             "" if row.finished_at is None else f"{row.finished_at:%Y-%m-%d %H:%M:%S}",
             "" if row.schema_restored is None else str(row.schema_restored).lower(),
-            row.reason or "",
+            safe(row.reason or ""),
         )
     out.print(table)
     return 0
