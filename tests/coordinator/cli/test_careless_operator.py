@@ -113,8 +113,19 @@ def test_serving_off_loopback_without_a_token_needs_insecure(tmp_path: Path) -> 
 def test_sigterm_is_reported_like_sigint(tmp_path: Path, dsn: str) -> None:
     (tmp_path / "m.sql").write_text("SELECT 1;")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "coordinator.cli", "apply", str(tmp_path / "m.sql")]
-        + ["--dsn", dsn, "--port", "0", "--wait-agents", "1"],
+        [
+            sys.executable,
+            "-m",
+            "coordinator.cli",
+            "apply",
+            str(tmp_path / "m.sql"),
+            "--dsn",
+            dsn,
+            "--port",
+            "0",
+            "--wait-agents",
+            "1",
+        ],
         cwd=REPO_ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
