@@ -18,12 +18,13 @@ PY_CHECK := import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)
 
 .DEFAULT_GOAL := help
 
-.PHONY: help install demo test test-thorough lint format bench-traffic bench-fleet clean distclean
+.PHONY: help install demo test test-thorough fault lint format bench-traffic bench-fleet clean distclean
 
 help:
 	@echo "make install        create $(VENV) and install lockstep with its dev extras"
 	@echo "make test           run the test suite (PYTEST_ARGS='...' passes options to pytest)"
 	@echo "make test-thorough  the property tests with many more examples (minutes)"
+	@echo "make fault          the long hostile-client suite: a million frames, floods (minutes)"
 	@echo "make lint           ruff check, ruff format --check, mypy, import contracts"
 	@echo "make format         ruff format and ruff check --fix"
 	@echo "make demo           run 'lockstep demo' (ARGS='...' passes options)"
@@ -59,6 +60,10 @@ test: $(STAMP)
 test-thorough: $(STAMP)
 	$(BIN)/python -m pytest tests/properties tests/statemachine \
 	  --hypothesis-profile=thorough $(PYTEST_ARGS)
+
+# A million fuzzed frames and connection floods, all on 127.0.0.1, bounded in count and time.
+fault: $(STAMP)
+	$(BIN)/python -m pytest tests/fault -m fault -s $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -15,6 +15,7 @@ import contextlib
 import logging
 import math
 import time
+from collections.abc import Callable
 from typing import Protocol
 
 import trio
@@ -22,13 +23,16 @@ from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from coordinator.events import AgentJoined, AgentLeft, BadFrame, EventBus
 from coordinator.fleet import OUTBOX_SIZE, AgentLink, DuplicateAgent, Fleet
+from statemachine.credentials import credential_ok
 from statemachine.ledger import AckOutcome
 from statemachine.protocol import (
     CLOSE_DUPLICATE_AGENT,
     CLOSE_HANDSHAKE_TIMEOUT,
     CLOSE_PROTOCOL_ERROR,
+    CLOSE_TOO_MANY_ERRORS,
     CLOSE_UNAUTHORIZED,
     CLOSE_VERSION_MISMATCH,
+    MAX_BAD_FRAMES,
     PROTOCOL_VERSION,
     Ack,
     Error,
@@ -39,6 +43,7 @@ from statemachine.protocol import (
     decode_agent_message,
     encode,
 )
+from statemachine.text import printable
 
 log = logging.getLogger("lockstep.coordinator")
 
@@ -51,6 +56,7 @@ class ConnectionHost(Protocol):
     heartbeat_interval: float
     handshake_timeout: float
     token: str | None
+    shared_token: bool
 
     def applied_names(self) -> list[str]:
         """Migrations a joining agent must treat as applied (the Welcome's list)."""
@@ -88,25 +94,35 @@ async def _refuse(ws: WebSocketConnection, refused: _Refused) -> None:
         await ws.aclose(refused.close_code, refused.message[:120])
 
 
-async def serve_connection(coordinator: ConnectionHost, ws: WebSocketConnection) -> None:
-    """Handle one accepted connection until it closes; never raises (except Cancelled)."""
+async def serve_connection(
+    coordinator: ConnectionHost,
+    ws: WebSocketConnection,
+    admitted: Callable[[], None] | None = None,
+) -> None:
+    """Handle one accepted connection until it closes; never raises (except Cancelled).
+
+    `admitted` is called once the hello is accepted: the server's admission ticket (see
+    `coordinator.admission`) stops counting this connection as pending.
+    """
     remote = _remote(ws)
     try:
         hello = await _handshake(coordinator, ws)
     except _Refused as refused:
         coordinator.events.emit(BadFrame(None, remote, refused.code, refused.message))
-        log.info("refused connection from %s: %s", remote, refused.message)
+        log.info("refused connection from %s: %s", remote, printable(refused.message, limit=300))
         with contextlib.suppress(Exception):
             await _refuse(ws, refused)
         return
     except ConnectionClosed:
         return
-    except Exception:
+    except Exception:  # a bug of ours: nothing a client sends should get here
         log.exception("handshake with %s failed", remote)
         with trio.move_on_after(1):
             await ws.aclose(1011, "internal error")
         return
 
+    if admitted is not None:
+        admitted()
     send, receive = trio.open_memory_channel[str](OUTBOX_SIZE)
     link = AgentLink(hello.agent_id, remote, time.time(), send)
     try:
@@ -143,7 +159,12 @@ async def serve_connection(coordinator: ConnectionHost, ws: WebSocketConnection)
         if link.kick.is_set():
             reason = link.kick_reason
             with trio.move_on_after(2):
-                await ws.aclose(1008, link.kick_reason[:120])
+                if link.kick_code == CLOSE_TOO_MANY_ERRORS:
+                    # Straight to the socket: the outbox may be full of unread error replies.
+                    await ws.send_message(
+                        encode(Error(code="too_many_errors", message=reason, fatal=True))
+                    )
+                await ws.aclose(link.kick_code, link.kick_reason[:120])
     except* ConnectionClosed:
         pass
     except* trio.TooSlowError:
@@ -173,7 +194,7 @@ async def _handshake(coordinator: ConnectionHost, ws: WebSocketConnection) -> He
             CLOSE_HANDSHAKE_TIMEOUT, "handshake_timeout", "no hello within the handshake timeout"
         ) from None
     try:
-        msg = decode_agent_message(frame)
+        msg = _decode(frame)
     except ProtocolError as exc:
         raise _Refused(CLOSE_PROTOCOL_ERROR, exc.code, exc.message) from None
     if not isinstance(msg, Hello):
@@ -186,8 +207,12 @@ async def _handshake(coordinator: ConnectionHost, ws: WebSocketConnection) -> He
             "version_mismatch",
             f"protocol {msg.protocol} is not supported; this coordinator speaks {PROTOCOL_VERSION}",
         )
-    if coordinator.token is not None and msg.token != coordinator.token:
-        raise _Refused(CLOSE_UNAUTHORIZED, "unauthorized", "missing or wrong token")
+    if coordinator.token is not None and not credential_ok(
+        coordinator.token, msg.agent_id, msg.token, shared_token=coordinator.shared_token
+    ):
+        raise _Refused(
+            CLOSE_UNAUTHORIZED, "unauthorized", f"missing or wrong token for agent {msg.agent_id}"
+        )
     return msg
 
 
@@ -201,7 +226,7 @@ async def _read_frames(
         except ConnectionClosed:
             return
         try:
-            msg = decode_agent_message(frame)
+            msg = _decode(frame)
         except ProtocolError as exc:
             _reply_error(coordinator, link, exc.code, exc.message)
             continue
@@ -213,6 +238,8 @@ async def _read_frames(
         else:
             assert isinstance(msg, Nack)
             outcome = coordinator.route_nack(agent_id, msg)
+        if outcome is AckOutcome.RECORDED:
+            link.bad_frames = 0
         if outcome is AckOutcome.STRANGER or (
             outcome in (AckOutcome.STALE, AckOutcome.CLOSED)
             and not coordinator.is_active_migration(msg.migration_id)
@@ -228,9 +255,31 @@ async def _read_frames(
             )
 
 
+def _decode(frame: str | bytes) -> Hello | Ack | Nack:
+    """`decode_agent_message`, refusing binary frames: the protocol is text frames only."""
+    if not isinstance(frame, str):
+        raise ProtocolError(
+            "binary_frame", f"binary frame of {len(frame)} bytes refused: send JSON text frames"
+        )
+    return decode_agent_message(frame)
+
+
 def _reply_error(coordinator: ConnectionHost, link: AgentLink, code: str, message: str) -> None:
+    """Answer a bad frame; past MAX_BAD_FRAMES in a row, close the connection instead.
+
+    The budget keeps an agent that pipelines bad frames without reading the replies from
+    being kicked for an "outbox overflow" it did not cause by being slow: it is told the
+    real reason (close code 4008, error ``too_many_errors``).
+    """
     coordinator.events.emit(BadFrame(link.agent_id, link.remote, code, message))
-    log.info("agent %s: %s: %s", link.agent_id, code, message)
+    log.info("agent %s: %s: %s", link.agent_id, code, printable(message, limit=300))
+    link.bad_frames += 1
+    if link.bad_frames > MAX_BAD_FRAMES:
+        link.close(
+            f"too many bad frames: {link.bad_frames} in a row (last: {code})",
+            code=CLOSE_TOO_MANY_ERRORS,
+        )
+        return
     coordinator.fleet.send(link.agent_id, encode(Error(code=code, message=message)))
 
 

@@ -15,8 +15,9 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import trio
-from trio_websocket import WebSocketConnection, WebSocketRequest, serve_websocket
+from trio_websocket import WebSocketConnection, WebSocketRequest
 
+from coordinator.admission import ConnectionLimits, Ticket
 from coordinator.connection import serve_connection
 from coordinator.events import EventBus, MigrationFinished, Subscriber
 from coordinator.executor import Executor, PostgresExecutor
@@ -31,6 +32,7 @@ from coordinator.history import (
 from coordinator.pg.attempts import DEFAULT_STATEMENT_TIMEOUT, RetryPolicy
 from coordinator.pg.catalog import load_catalog
 from coordinator.runner import MigrationRun
+from coordinator.server import serve_bounded
 from statemachine.checkpoint import Checkpoint, restore
 from statemachine.exceptions import AlreadyApplied, unwrap_single_group
 from statemachine.gate import admit
@@ -67,8 +69,10 @@ class Coordinator:
         history: History | None = None,
         ack_timeout: float = 30.0,
         heartbeat_interval: float = 5.0,
-        handshake_timeout: float = 10.0,
+        handshake_timeout: float = 5.0,
         token: str | None = None,
+        shared_token: bool = False,
+        limits: ConnectionLimits | None = None,
     ) -> None:
         if not ack_timeout > 0:
             raise ValueError(f"ack_timeout must be > 0, got {ack_timeout}")
@@ -77,7 +81,11 @@ class Coordinator:
         self.ack_timeout = ack_timeout
         self.heartbeat_interval = heartbeat_interval
         self.handshake_timeout = handshake_timeout
+        #: The fleet secret: agents authenticate with `agent_credential(token, agent_id)`, or
+        #: with the secret itself only when `shared_token` (see statemachine.credentials).
         self.token = token
+        self.shared_token = shared_token
+        self.limits = limits if limits is not None else ConnectionLimits()
         self.fleet = Fleet()
         self.events = EventBus()
         self.url = ""
@@ -317,13 +325,14 @@ class Coordinator:
         """Serve one already-accepted WebSocket (any transport); never raises."""
         await serve_connection(self, ws)
 
-    async def handle_request(self, request: WebSocketRequest) -> None:
+    async def handle_request(self, request: WebSocketRequest, ticket: Ticket | None = None) -> None:
+        """Accept the upgrade and serve the agent; `ticket` is released once it said hello."""
         try:
             ws = await request.accept()
         except Exception:
             log.info("a client went away during the WebSocket upgrade")
             return
-        await serve_connection(self, ws)
+        await serve_connection(self, ws, None if ticket is None else ticket.release)
 
     async def serve(
         self,
@@ -340,11 +349,7 @@ class Coordinator:
         """
         async with trio.open_nursery() as nursery:
             server = await nursery.start(
-                serve_websocket,
-                self.handle_request,
-                host,
-                port,
-                ssl_context,
+                serve_bounded, self.handle_request, host, port, ssl_context, self.limits
             )
             scheme = "ws" if ssl_context is None else "wss"
             self.url = f"{scheme}://{host}:{server.port}"
@@ -363,6 +368,8 @@ async def open_coordinator(
     lock_retry: RetryPolicy | None = None,
     heartbeat_interval: float = 5.0,
     token: str | None = None,
+    shared_token: bool = False,
+    limits: ConnectionLimits | None = None,
     executor: Executor | None = None,
     ssl_context: ssl.SSLContext | None = None,
 ) -> AsyncIterator[Coordinator]:
@@ -374,6 +381,9 @@ async def open_coordinator(
     `coordinator.executor`); they configure the default `PostgresExecutor` and are ignored when
     you pass your own `executor`. `ssl_context` (a server context with the certificate) serves
     agents over TLS (``wss://``); pair it with `token` so only your fleet can join.
+    `token` is the fleet secret: each agent presents `statemachine.agent_credential(token,
+    agent_id)`; the secret itself is accepted as well only with `shared_token=True`.
+    `limits` bounds connections still in their handshake (`ConnectionLimits`).
     """
     history = PostgresHistory(dsn)
     await history.ensure_schema()
@@ -394,6 +404,8 @@ async def open_coordinator(
         ack_timeout=ack_timeout,
         heartbeat_interval=heartbeat_interval,
         token=token,
+        shared_token=shared_token,
+        limits=limits,
     )
     await coordinator.load_history()
     coordinator.adopt(unfinished)

@@ -32,10 +32,15 @@ class AgentLink:
     #: Set when the coordinator wants this connection closed (slow consumer, shutdown).
     kick: trio.Event = dataclasses.field(default_factory=trio.Event)
     kick_reason: str = ""
+    #: The WebSocket close code the kick ends with (1008: policy violation, a slow reader).
+    kick_code: int = 1008
+    #: Bad frames received in a row (reset by an answer that counted); see connection.py.
+    bad_frames: int = 0
 
-    def close(self, reason: str) -> None:
+    def close(self, reason: str, *, code: int = 1008) -> None:
         if not self.kick.is_set():
             self.kick_reason = reason
+            self.kick_code = code
             self.kick.set()
 
 

@@ -10,6 +10,7 @@ makes can be tested with plain function calls. Where things are decided:
 """
 
 from statemachine.agent_fsm import AgentMachine, AgentState
+from statemachine.credentials import agent_credential
 from statemachine.failure import Failure, FailureKind
 from statemachine.ledger import AckLedger, AckOutcome
 from statemachine.migration import Backfill, InvalidMigration, Migration
@@ -35,4 +36,5 @@ __all__ = [
     "Phase",
     "PhaseRecord",
     "SqlAttempt",
+    "agent_credential",
 ]

@@ -11,6 +11,7 @@ Versioning: `PROTOCOL_VERSION` changes only for incompatible changes; the coordi
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Final
 
 import msgspec
@@ -25,10 +26,15 @@ CLOSE_PROTOCOL_ERROR: Final = 4000  # a frame could not be decoded during the ha
 CLOSE_HANDSHAKE_TIMEOUT: Final = 4001
 CLOSE_VERSION_MISMATCH: Final = 4002
 CLOSE_UNAUTHORIZED: Final = 4003
+CLOSE_TOO_MANY_ERRORS: Final = 4008  # more than MAX_BAD_FRAMES bad frames in a row
 CLOSE_DUPLICATE_AGENT: Final = 4009
+CLOSE_BUSY: Final = 1013  # "try again later": too many connections are still in their handshake
 CLOSE_COORDINATOR_SHUTDOWN: Final = 1001  # "going away"
 
-AgentId = Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=r"^[\w.@:\-]+$")]
+#: ASCII only (``\w`` would admit look-alike Unicode letters) and anchored with ``\Z``: msgspec
+#: searches the pattern, and ``$`` also matches before a final newline (``"victim-9\n"``).
+AGENT_ID_PATTERN: Final = r"^[A-Za-z0-9_.@:\-]+\Z"
+AgentId = Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=AGENT_ID_PATTERN)]
 MigrationId = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
 ErrorText = Annotated[str, msgspec.Meta(max_length=4096)]
 
@@ -107,6 +113,34 @@ _coordinator_decoder = msgspec.json.Decoder(CoordinatorMessage)
 _encoder = msgspec.json.Encoder()
 
 MAX_FRAME_BYTES: Final = 64 * 1024
+#: Deepest nesting of arrays and objects a frame may have. Valid agent messages are flat
+#: objects (depth 1); msgspec recurses per level and raises RecursionError (not DecodeError)
+#: near 1,000 levels, so depth is checked before decoding.
+MAX_FRAME_DEPTH: Final = 16
+#: Bad frames in a row after which the coordinator gives up on a connection (close 4008).
+MAX_BAD_FRAMES: Final = 32
+
+_STRINGS = re.compile(r'"(?:[^"\\]|\\.)*"?', re.DOTALL)
+_BRACKETS = re.compile(r"[\[\]{}]")
+
+
+def frame_depth(frame: str | bytes) -> int:
+    """The deepest nesting of ``[``/``{`` in `frame`, ignoring brackets inside JSON strings.
+
+    Cheap for real frames (two C-level counts); a frame with many brackets costs one regex
+    pass to drop strings and a loop over the brackets alone.
+    """
+    text = frame.decode("utf-8", "replace") if isinstance(frame, bytes) else frame
+    if text.count("[") + text.count("{") <= MAX_FRAME_DEPTH:
+        return text.count("[") + text.count("{")
+    depth = deepest = 0
+    for bracket in _BRACKETS.findall(_STRINGS.sub("", text)):
+        if bracket in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        else:
+            depth = max(depth - 1, 0)
+    return deepest
 
 
 def _decode(
@@ -117,8 +151,15 @@ def _decode(
         size = len(frame.encode())  # a character is up to 4 bytes in UTF-8
     if size > MAX_FRAME_BYTES:
         raise ProtocolError("frame_too_large", f"frame of {size} bytes exceeds {MAX_FRAME_BYTES}")
+    depth = frame_depth(frame)
+    if depth > MAX_FRAME_DEPTH:
+        raise ProtocolError(
+            "frame_too_deep", f"frame nests {depth} levels deep; at most {MAX_FRAME_DEPTH} allowed"
+        )
     try:
         return decoder.decode(frame)
+    except RecursionError:  # a safety net: the depth check above should make this unreachable
+        raise ProtocolError("frame_too_deep", "frame nests too deeply to decode") from None
     except msgspec.ValidationError as exc:
         text = str(exc)
         if text.endswith("at `$.type`"):
@@ -152,13 +193,18 @@ def encode(message: _Message) -> str:
 
 
 __all__ = [
+    "AGENT_ID_PATTERN",
+    "CLOSE_BUSY",
     "CLOSE_COORDINATOR_SHUTDOWN",
     "CLOSE_DUPLICATE_AGENT",
     "CLOSE_HANDSHAKE_TIMEOUT",
     "CLOSE_PROTOCOL_ERROR",
+    "CLOSE_TOO_MANY_ERRORS",
     "CLOSE_UNAUTHORIZED",
     "CLOSE_VERSION_MISMATCH",
+    "MAX_BAD_FRAMES",
     "MAX_FRAME_BYTES",
+    "MAX_FRAME_DEPTH",
     "PROTOCOL_VERSION",
     "Ack",
     "AgentMessage",
@@ -172,4 +218,5 @@ __all__ = [
     "decode_agent_message",
     "decode_coordinator_message",
     "encode",
+    "frame_depth",
 ]

@@ -8,13 +8,16 @@ order in ``lockstep --help``.
 from __future__ import annotations
 
 import argparse
+import signal
+import sys
 from collections.abc import Callable
-from types import ModuleType
+from importlib import metadata
+from types import FrameType, ModuleType
 
-from rich.markup import escape
-
+from coordinator.cli import config
 from coordinator.cli.commands import (
     CommandError,
+    agent_token,
     apply,
     check_db,
     demo,
@@ -23,7 +26,9 @@ from coordinator.cli.commands import (
     plan,
     status,
     stderr_console,
+    validate,
 )
+from coordinator.cli.output import safe
 
 __all__ = ["COMMANDS", "build_parser", "main"]
 
@@ -36,12 +41,22 @@ COMMANDS: list[ModuleType] = [
     plan,
     lint,
     apply,
+    validate,
+    agent_token,
 ]
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
+EXIT_TERMINATED = 143  # 128 + SIGTERM
+
+
+def _version() -> str:
+    try:
+        return metadata.version("lockstep")
+    except metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,34 +67,65 @@ def build_parser() -> argparse.ArgumentParser:
             "in lockstep."
         ),
     )
+    parser.add_argument("--version", action="version", version=f"lockstep {_version()}")
     subparsers = parser.add_subparsers(
         title="commands", dest="command", metavar="COMMAND", required=True
     )
     for module in COMMANDS:
         module.register(subparsers)
+    for name, subparser in subparsers.choices.items():
+        config.install(subparser, name)  # LOCKSTEP_* and lockstep.toml for every option
     return parser
+
+
+class _Terminated:
+    """SIGTERM handler: re-raised as SIGINT so trio (or Python) stops the command cleanly
+    with KeyboardInterrupt, then reported as "terminated" with exit status 143."""
+
+    def __init__(self) -> None:
+        self.received = False
+
+    def __call__(self, signum: int, frame: FrameType | None) -> None:
+        self.received = True
+        signal.raise_signal(signal.SIGINT)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI with `argv` (default: ``sys.argv[1:]``); return the process exit status.
 
-    0 success, 1 a reported failure (``error: ...`` on stderr), 2 bad usage, 130 interrupted.
+    0 success, 1 a reported failure (``error: ...`` on stderr), 2 bad usage (also a bad
+    ``LOCKSTEP_*`` value or lockstep.toml), 130 interrupted (Ctrl-C), 143 terminated (SIGTERM).
     """
-    parser = build_parser()
+    try:
+        parser = build_parser()
+    except config.ConfigError as exc:
+        stderr_console().print(f"lockstep: error: {safe(exc)}")
+        return EXIT_USAGE
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help, or a usage error argparse already printed
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     func: Callable[[argparse.Namespace], int] = args.func
+    terminated = _Terminated()
+    previous = signal.signal(signal.SIGTERM, terminated)
     try:
         return func(args)
     except CommandError as exc:
         err = stderr_console()
-        err.print(f"[bold red]error:[/] {escape(str(exc))}")
+        err.print(f"[bold red]error:[/] {safe(exc)}")
         if exc.details:
             for line in exc.details.splitlines():
-                err.print(f"  {escape(line)}", style="dim")
+                err.print(f"  {safe(line)}", style="dim")
         return EXIT_FAILURE
+    except config.ConfigError as exc:
+        stderr_console().print(f"lockstep {args.command}: error: {safe(exc)}")
+        return EXIT_USAGE
     except KeyboardInterrupt:
+        if terminated.received:
+            stderr_console().print("terminated (SIGTERM)")
+            return EXIT_TERMINATED
         stderr_console().print("interrupted")
         return EXIT_INTERRUPTED
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        sys.stdout.flush()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from coordinator.cli.reading import MAX_MIGRATION_BYTES, UnreadableFile, read_regular_file
 from statemachine.exceptions import LockstepError
 from statemachine.migration import Migration
 from statemachine.sql import (
@@ -49,15 +50,19 @@ class MigrationFile:
 
 
 def load_file(path: Path) -> MigrationFile:
-    """Read and parse one migration file (its name defaults to the file name)."""
+    """Read and parse one migration file (its name defaults to the file name).
+
+    Only regular files of at most `MAX_MIGRATION_BYTES` are read: a symlink to /dev/zero or
+    a FIFO is an error, not a hang.
+    """
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_regular_file(path, MAX_MIGRATION_BYTES).decode("utf-8")
     except UnicodeDecodeError as exc:
         raise MigrationLoadError(
             path, f"not UTF-8 text ({exc.reason} at byte {exc.start})"
         ) from exc
-    except OSError as exc:
-        raise MigrationLoadError(path, f"cannot read: {exc.strerror or exc}") from exc
+    except UnreadableFile as exc:
+        raise MigrationLoadError(path, str(exc)) from exc
     try:
         source = parse_migration_source(text, default_name=migration_name_from_filename(path.name))
     except MigrationFileError as exc:

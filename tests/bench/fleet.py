@@ -31,6 +31,7 @@ from rich.table import Table
 
 from agent import open_agent
 from coordinator import open_coordinator
+from coordinator.admission import ConnectionLimits
 from coordinator.cli.embedded import resolve_dsn
 from statemachine import Migration, MigrationStatus, Phase
 from tests.bench.markdown import replace_section
@@ -139,7 +140,12 @@ async def _measure(dsn: str, agents: int, repeat: int, console: Console) -> Flee
     cpu: list[float] = []
     phases: dict[str, list[float]] = {}
     completed = 0
-    async with open_coordinator(dsn, port=0, ack_timeout=60, heartbeat_interval=30) as coord:
+    # Every benchmark agent connects from 127.0.0.1 at once: lift the per-address cap on
+    # handshakes in progress that protects a real coordinator from floods.
+    limits = ConnectionLimits(max_pending=100_000, max_pending_per_address=100_000)
+    async with open_coordinator(
+        dsn, port=0, ack_timeout=60, heartbeat_interval=30, limits=limits
+    ) as coord:
         stop = trio.Event()
         async with trio.open_nursery() as nursery:
             started = time.perf_counter()

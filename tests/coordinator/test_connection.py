@@ -48,6 +48,8 @@ from tests.support.flow import (
 
 #: Every code the coordinator may answer a bad frame with.
 ERROR_CODES = {
+    "binary_frame",
+    "frame_too_deep",
     "malformed_frame",
     "unknown_type",
     "invalid_message",
@@ -61,6 +63,8 @@ ERROR_CODES = {
 }
 #: Close code that follows each fatal (pre-hello) error.
 CLOSE_FOR = {
+    "binary_frame": CLOSE_PROTOCOL_ERROR,
+    "frame_too_deep": CLOSE_PROTOCOL_ERROR,
     "malformed_frame": CLOSE_PROTOCOL_ERROR,
     "unknown_type": CLOSE_PROTOCOL_ERROR,
     "invalid_message": CLOSE_PROTOCOL_ERROR,
@@ -97,7 +101,7 @@ async def _migration_completes(coord: Coordinator, name: str) -> None:
 @pytest.mark.parametrize(
     ("frame", "code", "names"),
     [
-        (b"\xff\x00garbage\x81", "malformed_frame", "not valid JSON"),
+        (b"\xff\x00garbage\x81", "binary_frame", "text frames"),
         ("hello?", "malformed_frame", "not valid JSON"),
         ('{"type": "bogus"}', "unknown_type", "'bogus'"),
         ('{"type": "hello", "protocol": 1}', "invalid_message", "`agent_id`"),
@@ -145,7 +149,7 @@ async def test_garbage_after_hello_keeps_connection_and_server_up(dsn: str) -> N
     ):
         welcome = await say_hello(ws, "raw-1")
         assert welcome.applied == []
-        await ws.send_message(b"\x00\xffnot json at all")
+        await ws.send_message("\x00\xffnot json at all")
         error = await next_error(ws)
         assert error.code == "malformed_frame"
         assert not error.fatal

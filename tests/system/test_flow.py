@@ -19,7 +19,7 @@ import trio
 from agent import CoordinatorUnreachable, HandshakeRejected, MigrationInfo, open_agent
 from coordinator import AlreadyApplied, open_coordinator
 from coordinator.events import AgentLeft, AnswerReceived, MigrationFinished, PhaseStarted
-from statemachine import FailureKind, Migration, MigrationStatus, Phase
+from statemachine import FailureKind, Migration, MigrationStatus, Phase, agent_credential
 from tests.support.flow import (
     EventLog,
     HookFn,
@@ -487,12 +487,15 @@ async def test_unreachable_coordinator() -> None:
 
 async def test_wrong_token_is_rejected(dsn: str) -> None:
     async with open_coordinator(dsn, port=0, token="s3cret") as coord:
-        for token in ("wrong", None):
+        # The plain fleet secret is not a credential unless shared_token=True.
+        for token in ("wrong", None, "s3cret", agent_credential("s3cret", "app-2")):
             with pytest.raises(HandshakeRejected) as info:
                 async with open_agent(coord.url, agent_id="app-1", token=token):
                     pytest.fail("joined with a bad token")
             assert info.value.code == "unauthorized"
-        async with open_agent(coord.url, agent_id="app-1", token="s3cret") as agent:
+        async with open_agent(
+            coord.url, agent_id="app-1", token=agent_credential("s3cret", "app-1")
+        ) as agent:
             assert agent.connected
             await coord.wait_for_agents(1, timeout=5)
 

@@ -14,7 +14,7 @@ import trustme
 from agent import CoordinatorUnreachable, open_agent
 from agent.threaded import ThreadedAgent
 from coordinator import open_coordinator, serve_coordinator
-from statemachine import Migration, MigrationStatus
+from statemachine import Migration, MigrationStatus, agent_credential
 from tests.support.cli import run_lockstep
 from tests.support.flow import columns, make_users
 
@@ -45,7 +45,10 @@ async def test_a_migration_over_wss(
     async with open_coordinator(dsn, ssl_context=server_context, token="s3cret") as coord:
         assert coord.url.startswith("wss://127.0.0.1:")
         async with open_agent(
-            coord.url, agent_id="app-1", token="s3cret", ssl_context=client_context
+            coord.url,
+            agent_id="app-1",
+            token=agent_credential("s3cret", "app-1"),
+            ssl_context=client_context,
         ) as agent:
             result = await coord.run_migration(
                 Migration("add_email", "ALTER TABLE users ADD COLUMN email TEXT")
@@ -93,7 +96,7 @@ def test_apply_serves_wss_with_a_certificate_and_key(
     cert.private_key_pem.write_to_path(str(key_pem))
     migration = tmp_path / "add_nick.sql"
     migration.write_text("ALTER TABLE users ADD COLUMN nick TEXT;\n")
-    args = ["apply", str(migration), "--dsn", dsn, "--port", "0"]
+    args = ["apply", str(migration), "--allow-no-agents", "--dsn", dsn, "--port", "0"]
     proc = run_lockstep(*args, "--tls-cert", str(cert_pem), "--tls-key", str(key_pem))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "coordinator listening on wss://127.0.0.1:" in proc.stdout

@@ -39,9 +39,9 @@ def stdout_console() -> Console:
     Colour only on a terminal (rich decides, honouring NO_COLOR/FORCE_COLOR); no automatic
     highlighting or hard wrapping, so piped output stays plain text one can grep.
     """
-    return Console(file=sys.stdout, highlight=False, soft_wrap=True)
+    return Console(file=sys.stdout, highlight=False, soft_wrap=True, emoji=False)
 
 
 def stderr_console() -> Console:
     """Like `stdout_console`, for errors and diagnostics."""
-    return Console(file=sys.stderr, highlight=False, soft_wrap=True)
+    return Console(file=sys.stderr, highlight=False, soft_wrap=True, emoji=False)

@@ -13,7 +13,6 @@ from coordinator.cli.files import MigrationLoadError, load_path, load_paths
 from tests.support.cli import run_lockstep
 
 #: A DSN nothing listens on: commands that must not touch a database still work with it set.
-UNREACHABLE_DSN = "postgresql://nobody@127.0.0.1:1/x?connect_timeout=2"
 
 ADD_EMAIL = """\
 -- lockstep:name add_email
@@ -116,7 +115,8 @@ def test_plan_shows_groups_backfill_rollback_and_lint_without_a_database(
     tmp_path: Path,
 ) -> None:
     path = write(tmp_path, {"0001_add_email.sql": ADD_EMAIL}) / "0001_add_email.sql"
-    proc = lockstep("plan", str(path), dsn=UNREACHABLE_DSN)
+    # No --dsn (nor LOCKSTEP_DSN, which now configures --dsn like any option): no catalog.
+    proc = lockstep("plan", str(path))
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     assert "migration add_email" in out
@@ -190,7 +190,7 @@ def test_lint_lists_its_rules_and_needs_a_path() -> None:
 def test_apply_runs_a_directory_in_order_and_skips_what_completed(tmp_path: Path, dsn: str) -> None:
     make_users(dsn)
     migrations = write(tmp_path, {"0001_add_email.sql": ADD_EMAIL, "0002_add_nick.sql": ADD_NICK})
-    proc = lockstep("apply", str(migrations), "--dsn", dsn, "--port", "0")
+    proc = lockstep("apply", str(migrations), "--allow-no-agents", "--dsn", dsn, "--port", "0")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = proc.stdout
     assert out.index("completed add_email") < out.index("completed 0002_add_nick")
@@ -201,7 +201,9 @@ def test_apply_runs_a_directory_in_order_and_skips_what_completed(tmp_path: Path
         row = conn.execute("SELECT count(*) FROM users WHERE email LIKE '%@example.com'").fetchone()
     assert row == (5,)
 
-    again = lockstep("apply", str(migrations), "--port", "0", dsn=dsn)  # DSN from the env
+    again = lockstep(
+        "apply", str(migrations), "--allow-no-agents", "--port", "0", dsn=dsn
+    )  # DSN from the env
     assert again.returncode == 0, again.stdout + again.stderr
     assert "skipped add_email (already completed)" in again.stdout
     assert "done: 0 applied, 2 already completed" in again.stdout
@@ -210,14 +212,16 @@ def test_apply_runs_a_directory_in_order_and_skips_what_completed(tmp_path: Path
 def test_apply_stops_at_lint_errors_unless_forced(tmp_path: Path, dsn: str) -> None:
     make_users(dsn)
     migrations = write(tmp_path, {"1_nick.sql": ADD_NICK, "2_drop.sql": DROP_NAME})
-    proc = lockstep("apply", str(migrations), "--dsn", dsn, "--port", "0")
+    proc = lockstep("apply", str(migrations), "--allow-no-agents", "--dsn", dsn, "--port", "0")
     assert proc.returncode == 1
     assert "completed 1_nick" in proc.stdout
     assert "rejected 2_drop: lint found errors" in proc.stdout
     assert f"{migrations / '2_drop.sql'}:2: error LS101" in proc.stdout
     assert "name" in columns(dsn)
 
-    forced = lockstep("apply", str(migrations), "--dsn", dsn, "--port", "0", "--force")
+    forced = lockstep(
+        "apply", str(migrations), "--allow-no-agents", "--dsn", dsn, "--port", "0", "--force"
+    )
     assert forced.returncode == 0, forced.stdout + forced.stderr
     assert "completed 2_drop" in forced.stdout
     assert "forced past error" in forced.stdout
@@ -227,7 +231,7 @@ def test_apply_stops_at_lint_errors_unless_forced(tmp_path: Path, dsn: str) -> N
 def test_apply_reports_a_failed_migration_and_exits_1(tmp_path: Path, dsn: str) -> None:
     make_users(dsn)
     path = write(tmp_path, {"bad.sql": "ALTER TABLE nope ADD COLUMN x int;"}) / "bad.sql"
-    proc = lockstep("apply", str(path), "--dsn", dsn, "--port", "0")
+    proc = lockstep("apply", str(path), "--allow-no-agents", "--dsn", dsn, "--port", "0")
     assert proc.returncode == 1
     assert "failed bad" in proc.stdout
     assert 'relation "nope" does not exist' in proc.stdout
@@ -235,7 +239,7 @@ def test_apply_reports_a_failed_migration_and_exits_1(tmp_path: Path, dsn: str) 
 
 def test_apply_needs_a_database_and_its_agents(tmp_path: Path, dsn: str) -> None:
     path = write(tmp_path, {"a.sql": ADD_NICK}) / "a.sql"
-    proc = lockstep("apply", str(path))
+    proc = lockstep("apply", str(path), "--allow-no-agents")
     assert proc.returncode == 1
     assert "apply needs a database: pass --dsn or set LOCKSTEP_DSN" in proc.stderr
 

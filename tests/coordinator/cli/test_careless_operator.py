@@ -1,0 +1,164 @@
+"""The CLI cases of issue 11: every expected failure is a message and a documented exit code."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psycopg
+import pytest
+import trio
+
+from coordinator.history import PostgresHistory
+from statemachine import Migration, MigrationMachine, agent_credential
+from statemachine.checkpoint import Checkpoint
+from tests.support import REPO_ROOT
+from tests.support.cli import run_lockstep
+
+NASTY = "RuntimeError: [/] [bold]x\x1b[2J\rcompleted everything :-1:"
+
+
+def _clean(proc: subprocess.CompletedProcess[str]) -> None:
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert "\x1b" not in proc.stdout + proc.stderr
+    assert "\U0001f44e" not in proc.stdout + proc.stderr  # :-1: as an emoji
+
+
+def test_status_shows_markup_and_escapes_from_the_database_as_text(dsn: str) -> None:
+    history = PostgresHistory(dsn)
+
+    async def record() -> None:
+        await history.ensure_schema()
+        migration = Migration("m1", "SELECT 1")
+        machine = MigrationMachine(migration.id, has_contract=False)
+        await history.record_start(migration, Checkpoint.of(machine))
+
+    trio.run(record)
+    with psycopg.connect(dsn) as conn:
+        conn.execute("UPDATE lockstep.migrations SET status = 'failed', reason = %s", (NASTY,))
+    proc = run_lockstep("status", "--dsn", dsn, env={**os.environ, "COLUMNS": "300"})
+    assert proc.returncode == 0, proc.stderr
+    _clean(proc)
+    assert "[/]" in proc.stdout and "\\x1b[2J" in proc.stdout
+    js = run_lockstep("status", "--dsn", dsn, "--json")
+    assert js.returncode == 0
+    import json
+
+    assert json.loads(js.stdout)["migrations"][0]["reason"] == NASTY
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--port", "99999"],
+        ["--port", "-1"],
+        ["--lock-retries", "0"],
+        ["--lock-retry-seconds", "-1"],
+        ["--ack-timeout", "nan"],
+    ],
+)
+def test_bad_numbers_are_usage_errors(tmp_path: Path, args: list[str]) -> None:
+    (tmp_path / "m.sql").write_text("SELECT 1;")
+    proc = run_lockstep("apply", str(tmp_path / "m.sql"), "--allow-no-agents", *args)
+    assert proc.returncode == 2, proc.stderr
+    _clean(proc)
+
+
+def test_bad_numbers_from_the_environment_are_usage_errors(tmp_path: Path) -> None:
+    env = {**os.environ, "LOCKSTEP_PORT": "99999"}
+    proc = run_lockstep("apply", "x.sql", env=env)
+    assert proc.returncode == 2
+    assert "$LOCKSTEP_PORT" in proc.stderr
+    _clean(proc)
+
+
+def test_a_symlink_to_dev_zero_is_refused_not_read(tmp_path: Path) -> None:
+    link = tmp_path / "zero.sql"
+    link.symlink_to("/dev/zero")
+    proc = run_lockstep("lint", str(link), timeout=20)
+    assert proc.returncode == 3, "lint's exit status for a file it could not load"
+    assert "not a regular file" in proc.stdout + proc.stderr
+    _clean(proc)
+
+
+def test_a_database_that_never_answers_times_out() -> None:
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        dsn = f"postgresql://x@127.0.0.1:{silent.getsockname()[1]}/x"
+        started = time.monotonic()
+        proc = run_lockstep("status", "--dsn", dsn, "--connect-timeout", "2", timeout=60)
+    assert proc.returncode == 1
+    assert time.monotonic() - started < 30
+    assert "error:" in proc.stderr
+    _clean(proc)
+
+
+def test_apply_without_a_fleet_needs_allow_no_agents(tmp_path: Path) -> None:
+    (tmp_path / "m.sql").write_text("SELECT 1;")
+    proc = run_lockstep("apply", str(tmp_path / "m.sql"))
+    assert proc.returncode == 2
+    assert "--allow-no-agents" in proc.stderr
+
+
+def test_serving_off_loopback_without_a_token_needs_insecure(tmp_path: Path) -> None:
+    (tmp_path / "m.sql").write_text("SELECT 1;")
+    proc = run_lockstep("apply", str(tmp_path / "m.sql"), "--allow-no-agents", "--host", "0.0.0.0")
+    assert proc.returncode == 2
+    assert "--insecure" in proc.stderr
+
+
+def test_sigterm_is_reported_like_sigint(tmp_path: Path, dsn: str) -> None:
+    (tmp_path / "m.sql").write_text("SELECT 1;")
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "coordinator.cli",
+            "apply",
+            str(tmp_path / "m.sql"),
+            "--dsn",
+            dsn,
+            "--port",
+            "0",
+            "--wait-agents",
+            "1",
+        ],
+        cwd=REPO_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    assert "waiting for" in proc.stdout.readline() + proc.stdout.readline()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=20)
+    assert proc.returncode == 143
+    assert "terminated" in err and "Traceback" not in err
+
+
+def test_version_and_agent_token(tmp_path: Path) -> None:
+    proc = run_lockstep("--version")
+    assert proc.returncode == 0 and proc.stdout.startswith("lockstep ")
+    secret = tmp_path / "secret"
+    secret.write_text("fleet-secret\n")
+    proc = run_lockstep("agent-token", "app-1", "--token-file", str(secret))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == agent_credential("fleet-secret", "app-1")
+
+
+def test_validate_reports_a_changed_completed_migration(tmp_path: Path, dsn: str) -> None:
+    path = tmp_path / "add_t.sql"
+    path.write_text("CREATE TABLE t (id INT);")
+    applied = run_lockstep("apply", str(path), "--allow-no-agents", "--dsn", dsn, "--port", "0")
+    assert applied.returncode == 0, applied.stderr
+    assert run_lockstep("validate", str(path), "--dsn", dsn).returncode == 0
+    path.write_text("CREATE TABLE t (id BIGINT);")
+    proc = run_lockstep("validate", str(path), "--dsn", dsn)
+    assert proc.returncode == 1
+    assert "changed add_t" in proc.stdout
