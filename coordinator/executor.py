@@ -200,14 +200,7 @@ class PostgresExecutor:
             try:
                 attempts += await self._run_group(phase, index, len(groups), group, report, journal)
             except SqlFailure as exc:
-                raise SqlFailure(
-                    exc.statement,
-                    exc.message,
-                    sqlstate=exc.sqlstate,
-                    attempts=[*attempts, *exc.attempts],
-                    committed_groups=index,
-                    blockers=exc.blockers,
-                ) from exc
+                raise exc.with_attempts([*attempts, *exc.attempts], committed_groups=index) from exc
         return attempts
 
     async def _run_group(
@@ -260,13 +253,7 @@ class PostgresExecutor:
                 phase, label, group.statements, attempt, record, report, index
             )
         except SqlFailure as exc:
-            raise SqlFailure(
-                exc.statement,
-                exc.message,
-                sqlstate=exc.sqlstate,
-                attempts=attempts,
-                blockers=exc.blockers,
-            ) from exc
+            raise exc.with_attempts(attempts) from exc
         report.say(phase, f"{label} committed")
         return attempts
 

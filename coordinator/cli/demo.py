@@ -32,11 +32,11 @@ from psycopg.conninfo import conninfo_to_dict
 from rich import box
 from rich.console import Console, RenderableType
 from rich.live import Live
-from rich.markup import escape
 from rich.table import Table
 
 from agent import MigrationInfo, open_agent
 from coordinator.cli.demo_app import MIGRATION_NAME, AppStats, run_app
+from coordinator.cli.output import safe
 from coordinator.core import Coordinator, open_coordinator
 from coordinator.events import (
     AgentJoined,
@@ -307,25 +307,25 @@ class DemoView:
     def on_event(self, event: Event) -> None:
         g = self.glyphs
         if isinstance(event, AgentJoined):
-            self.say(f"{g.joined} agent [bold]{escape(event.agent_id)}[/] connected")
+            self.say(f"{g.joined} agent [bold]{safe(event.agent_id)}[/] connected")
         elif isinstance(event, AgentLeft):
-            self.say(f"{g.left} agent {escape(event.agent_id)} left: {escape(event.reason)}")
+            self.say(f"{g.left} agent {safe(event.agent_id)} left: {safe(event.reason)}")
         elif isinstance(event, PhaseStarted):
             self._phase_started(event)
         elif isinstance(event, AnswerReceived):
             self._answer(event)
         elif isinstance(event, SqlProgress):
-            self.say(f"    {escape(event.message)}")
+            self.say(f"    {safe(event.message)}")
         elif isinstance(event, MigrationFinished):
             if self.current is not None:
                 self._phase_ended(self.current, None)
             self.current = None
             if event.status is MigrationStatus.COMPLETED:
-                self.say(f"[bold green]{g.done} {escape(event.migration)} COMPLETED[/]")
+                self.say(f"[bold green]{g.done} {safe(event.migration)} COMPLETED[/]")
             else:
                 self.say(
-                    f"[bold red]{g.done} {escape(event.migration)} {event.status.name}:[/] "
-                    f"{escape(event.reason or '')}"
+                    f"[bold red]{g.done} {safe(event.migration)} {event.status.name}:[/] "
+                    f"{safe(event.reason or '')}"
                 )
 
     def _phase_started(self, event: PhaseStarted) -> None:
@@ -341,11 +341,11 @@ class DemoView:
         title = f"[bold {colour}]{g.phase} {event.phase.name}[/]"
         if event.ack_required:
             cohort = ", ".join(event.cohort) or "nobody connected"
-            self.say(f"{title} waiting for acks from {escape(cohort)}")
+            self.say(f"{title} waiting for acks from {safe(cohort)}")
         elif event.phase is Phase.EXECUTE:
             self.say(f"{title} expand SQL in one transaction, old queries still running:")
             for statement in self.migration.sql:
-                self.say(f"    {escape(statement)}")
+                self.say(f"    {safe(statement)}")
         else:
             self.say(title)
 
@@ -364,7 +364,7 @@ class DemoView:
             if missing:
                 then = " (the rollback goes on without it)" if phase is Phase.ROLLBACK else ""
                 self.say(
-                    f"    [red]no {phase.name} ack from {escape(', '.join(missing))} "
+                    f"    [red]no {phase.name} ack from {safe(', '.join(missing))} "
                     f"before the ack timeout{then}[/]"
                 )
 
@@ -372,7 +372,7 @@ class DemoView:
         g = self.glyphs
         since = time.monotonic() - self.phase_started.get(event.phase, self.started)
         timing = f"[dim]after {since * 1000:.0f} ms[/]"
-        who = f"[bold]{escape(event.agent_id)}[/]"
+        who = f"[bold]{safe(event.agent_id)}[/]"
         if event.outcome is not AckOutcome.RECORDED:
             kind = "ack" if event.ok else "nack"
             self.say(
@@ -389,7 +389,7 @@ class DemoView:
         else:
             self.say(
                 f"    [red]{g.nack}[/] {who} NACKed {event.phase.name}: "
-                f"{escape(event.error or '')} {timing}"
+                f"{safe(event.error or '')} {timing}"
             )
 
     # ---------------------------------------------------------------- live fleet table
@@ -493,7 +493,7 @@ def _report(
     colour = "green" if result.status is MigrationStatus.COMPLETED else "red"
     console.print(f"[bold]status:[/] [bold {colour}]{result.status.name}[/]")
     if result.reason:
-        console.print(f"[bold]reason:[/] {escape(result.reason)}")
+        console.print(f"[bold]reason:[/] {safe(result.reason)}")
     if result.schema_restored is True:
         console.print("[bold]schema:[/] restored by rollback_sql")
     elif result.schema_restored is None and result.status is MigrationStatus.FAILED:
@@ -501,7 +501,7 @@ def _report(
     elif result.schema_restored is False:
         console.print("[bold]schema:[/] [red]left expanded[/]")
     for warning in result.warnings:
-        console.print(f"[bold]warning:[/] {escape(warning)}")
+        console.print(f"[bold]warning:[/] {safe(warning)}")
 
 
 def _verdict(scenario: str, stats: Sequence[AppStats], result: MigrationResult) -> str:
@@ -560,7 +560,7 @@ async def run_demo(
         f"ack timeout {timeout:g} s"
     )
     db = await trio.to_thread.run_sync(_prepare, dsn, scenario)
-    console.print(f"Database: {escape(db.description)}")
+    console.print(f"Database: {safe(db.description)}")
     if db.dropped:
         console.print(f"Dropped what an earlier run left: {', '.join(db.dropped)}")
     console.print(f"Created table users ({', '.join(db.columns)}) with {SEED_ROWS} rows")
@@ -603,7 +603,7 @@ async def run_demo(
     if problems:
         console.print(f"[bold red]The {scenario} scenario did not show what it should:[/]")
         for problem in problems:
-            console.print(f"  - {escape(problem)}")
+            console.print(f"  - {safe(problem)}")
         return 1
     console.print(f"[bold green]Demo OK ({scenario}):[/] {_verdict(scenario, stats, result)}")
     return 0
@@ -650,7 +650,7 @@ async def _run_fleet(
             with view.live():
                 view.say(f"apps query users on the old query set for {warmup:g} s")
                 await trio.sleep(warmup)
-                view.say(f"[bold]run_migration({escape(migration.name)})[/]")
+                view.say(f"[bold]run_migration({safe(migration.name)})[/]")
                 result = await coord.run_migration(migration)
                 view.say(f"apps keep querying users for {cooldown:g} s")
                 await trio.sleep(cooldown)

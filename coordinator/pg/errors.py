@@ -61,5 +61,21 @@ class SqlFailure(LockstepError):
         self.committed_groups = committed_groups
         self.blockers = tuple(blockers)
 
+    def with_attempts(
+        self, attempts: Sequence[SqlAttempt], *, committed_groups: int | None = None
+    ) -> SqlFailure:
+        """The same failure carrying the attempts (and commit count) the caller knows of: the
+        executor adds them as the failure travels up from an attempt to the phase."""
+        return SqlFailure(
+            self.statement,
+            self.message,
+            sqlstate=self.sqlstate,
+            attempts=attempts,
+            committed_groups=self.committed_groups
+            if committed_groups is None
+            else committed_groups,
+            blockers=self.blockers,
+        )
+
 
 __all__ = ["SqlFailure", "pg_message"]

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from statemachine.sql.lint import Finding
+from statemachine.sql.plan import PhasePlan, Plan
 from statemachine.sql.rules import RULES
 
 SARIF_SCHEMA = "https://json.schemastore.org/sarif-2.1.0.json"
@@ -28,7 +29,8 @@ class FileResult:
     line: int | None = None
 
 
-def _finding_dict(f: Finding) -> dict[str, Any]:
+def finding_dict(f: Finding) -> dict[str, Any]:
+    """One finding as the JSON reports (lint, plan) print it."""
     return {
         "rule": f.rule,
         "name": RULES[f.rule].name,
@@ -44,6 +46,37 @@ def _finding_dict(f: Finding) -> dict[str, Any]:
     }
 
 
+def plan_dict(plan: Plan) -> dict[str, Any]:
+    """A plan as ``lockstep plan --json`` prints it: the groups the executor will run."""
+
+    def phase(section: PhasePlan) -> dict[str, Any]:
+        return {
+            "error": section.error,
+            "groups": [
+                {
+                    "transactional": group.transactional,
+                    "statements": list(group.statements),
+                    "reason": group.reason,
+                }
+                for group in section.groups
+            ],
+        }
+
+    return {
+        "migration": plan.migration,
+        "execute": phase(plan.execute),
+        "backfills": [dataclasses.asdict(b) for b in plan.backfills],
+        "contract": phase(plan.contract),
+        "rollback": {
+            "source": plan.rollback.source,
+            "reasons": list(plan.rollback.reasons),
+            **phase(plan.rollback.phase),
+        },
+        "findings": [finding_dict(f) for f in plan.findings],
+        "has_errors": plan.has_errors,
+    }
+
+
 def to_json(results: Sequence[FileResult]) -> dict[str, Any]:
     findings = [f for r in results for f in r.findings if f.allowed is None]
     return {
@@ -52,7 +85,7 @@ def to_json(results: Sequence[FileResult]) -> dict[str, Any]:
             {
                 "path": r.path,
                 "migration": r.migration,
-                "findings": [_finding_dict(f) for f in r.findings],
+                "findings": [finding_dict(f) for f in r.findings],
             }
             for r in results
             if r.error is None

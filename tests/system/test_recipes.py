@@ -22,8 +22,9 @@ import trio
 
 from agent.client import MigrationInfo
 from coordinator.pg.attempts import RetryPolicy
+from statemachine import MigrationResult
 from statemachine.phases import MigrationStatus, Phase
-from statemachine.sql import lint_migration
+from statemachine.sql import Plan, build_plan, lint_migration
 from tests.bench import harness, heldlock, recipes, traffic
 from tests.bench.apploop import QueryLoop, Sample
 from tests.bench.report import BEGIN_MARK, END_MARK, Latency, percentile, write_section
@@ -55,6 +56,24 @@ async def test_recipe_runs_under_traffic_without_failed_queries(
     # The switch was rolling: app-1's new code ran while app-2 still ran the old code.
     assert run.traffic.side_by_side >= 10
     assert run.schema_problems == ()
+    # One plan: what ran is exactly what `lockstep plan` shows for the file.
+    assert _executed_groups(run.result) == _planned_groups(build_plan(recipe.migration()))
+
+
+def _planned_groups(plan: Plan) -> list[tuple[Phase, int, bool, tuple[str, ...]]]:
+    return [
+        (section.phase, index, group.transactional, group.statements)
+        for section in (plan.execute, plan.contract)
+        for index, group in enumerate(section.groups)
+    ]
+
+
+def _executed_groups(result: MigrationResult) -> list[tuple[Phase, int, bool, tuple[str, ...]]]:
+    return [
+        (a.phase, a.group, a.transactional, a.statements)
+        for a in result.sql_attempts
+        if a.ok and a.phase in (Phase.EXECUTE, Phase.CONTRACT)
+    ]
 
 
 @RECIPES

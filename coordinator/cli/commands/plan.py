@@ -3,13 +3,16 @@
 Shows for each migration the statements of every phase and how they run (which share one
 transaction, which run alone in autocommit), the backfills, the rollback that would run on
 failure (given, derived, or none and why), and the lint verdict with every finding. It never
-connects to anything, so it works in CI and on a laptop with no DSN at all.
+connects to anything unless given ``--dsn`` (then lint reads the live catalog), so it works
+in CI and on a laptop with no DSN at all. ``--json`` prints the same plan as one object.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -22,6 +25,7 @@ from coordinator.cli.commands.lint import add_lint_options, catalog_from, lint_f
 from coordinator.cli.files import MigrationFile, MigrationLoadError, load_paths
 from statemachine.sql import PhasePlan, Plan, build_plan
 from statemachine.sql.catalog import Catalog
+from statemachine.sql.report import plan_dict
 from statemachine.sql.rules import Profile
 
 if TYPE_CHECKING:
@@ -44,6 +48,11 @@ def register(subparsers: Subparsers) -> None:
         ),
     )
     parser.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="file or directory")
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help='print {"migrations": [plan, ...]}: the groups, rollback and findings of each',
+    )
     add_lint_options(parser)
     parser.set_defaults(func=run)
 
@@ -121,6 +130,10 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError(str(exc)) from exc
     out = stdout_console()
     catalog = catalog_from(args.dsn)
+    if args.json:
+        plans = [file_plan(f, catalog=catalog, profile=args.profile) for f in files]
+        sys.stdout.write(json.dumps({"migrations": [plan_dict(p) for p in plans]}) + "\n")
+        return 0
     for index, file in enumerate(files):
         if index:
             out.print()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -10,6 +11,7 @@ import psycopg
 import pytest
 
 from coordinator.cli.files import MigrationLoadError, load_path, load_paths
+from statemachine.sql import build_plan
 from tests.support.cli import run_lockstep
 
 #: A DSN nothing listens on: commands that must not touch a database still work with it set.
@@ -259,3 +261,14 @@ def test_apply_needs_a_database_and_its_agents(tmp_path: Path, dsn: str) -> None
     assert proc.returncode == 1
     assert "only 0 of 1 agent(s) connected within 0.5 s" in proc.stderr
     assert "nick" not in columns(dsn)
+
+
+def test_plan_json_is_the_plan_the_executor_runs(tmp_path: Path) -> None:
+    path = write(tmp_path, {"0001_add_email.sql": ADD_EMAIL}) / "0001_add_email.sql"
+    proc = lockstep("plan", str(path), "--json")
+    assert proc.returncode == 0, proc.stderr
+    [plan] = json.loads(proc.stdout)["migrations"]
+    expected = build_plan(load_path(path)[0].migration)
+    groups = [(g["transactional"], tuple(g["statements"])) for g in plan["execute"]["groups"]]
+    assert groups == [(g.transactional, g.statements) for g in expected.execute.groups]
+    assert plan["rollback"]["source"] == expected.rollback.source
