@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 from psycopg.conninfo import make_conninfo
@@ -36,7 +37,21 @@ def _integer(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
 
 
+def integer_between(low: int, high: int | None = None) -> Callable[[str], int]:
+    """A `type=` for whole numbers from `low` to `high` (no upper bound when None)."""
+
+    def parse(text: str) -> int:
+        value = _integer(text)
+        if value < low or (high is not None and value > high):
+            bounds = f"between {low} and {high}" if high is not None else f">= {low}"
+            raise argparse.ArgumentTypeError(f"must be {bounds}, got {text}")
+        return value
+
+    return parse
+
+
 def positive(text: str) -> float:
+    """A finite number > 0 (seconds, mostly)."""
     value = _number(text)
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
@@ -44,24 +59,16 @@ def positive(text: str) -> float:
 
 
 def non_negative(text: str) -> float:
+    """A finite number >= 0."""
     value = _number(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
     return value
 
 
-def count(text: str) -> int:
-    value = _integer(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
-
-
-def at_least_one(text: str) -> int:
-    value = _integer(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
-    return value
+#: A count that may be zero (``--wait-agents 0``), and one that may not.
+count = integer_between(0)
+at_least_one = integer_between(1)
 
 
 def port(text: str) -> int:

@@ -32,6 +32,7 @@ from rich.table import Table
 from agent import open_agent
 from coordinator import open_coordinator
 from coordinator.admission import ConnectionLimits
+from coordinator.cli import options
 from coordinator.cli.embedded import resolve_dsn
 from statemachine import Migration, MigrationStatus, Phase
 from tests.bench.markdown import replace_section
@@ -96,13 +97,6 @@ def _sizes(text: str) -> list[int]:
     return sizes
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m tests.bench.fleet",
@@ -114,7 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=_sizes("10,100,1000"),
         help="fleet sizes, comma-separated (default 10,100,1000)",
     )
-    p.add_argument("--repeat", type=_positive_int, default=3, help="migrations per fleet size (3)")
+    p.add_argument(
+        "--repeat", type=options.at_least_one, default=3, help="migrations per fleet size (3)"
+    )
     p.add_argument("--dsn", help="PostgreSQL server to use (default: $LOCKSTEP_DSN or embedded)")
     p.add_argument(
         "--out",

@@ -28,6 +28,7 @@ import trio
 from rich.console import Console
 from rich.logging import RichHandler
 
+from coordinator.cli import options
 from coordinator.cli.embedded import resolve_dsn
 from coordinator.pg.attempts import RetryPolicy
 from tests.bench import harness, heldlock, recipes
@@ -46,61 +47,40 @@ DEFAULT_OUT = Path(__file__).resolve().parents[2] / "docs" / "benchmarks.md"
 HOLD_RECIPE = "add_column"
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    value = float(text)
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m tests.bench.traffic",
         description=__doc__.split("\n\n")[0] if __doc__ else None,
     )
     p.add_argument("--dsn", help="PostgreSQL server to use (default: $LOCKSTEP_DSN or embedded)")
-    p.add_argument("--agents", type=_positive_int, default=8, help="instances (default 8)")
+    p.add_argument("--agents", type=options.at_least_one, default=8, help="instances (default 8)")
     p.add_argument(
-        "--hold", type=_positive_float, default=10.0, help="seconds the lock is held (10)"
+        "--hold", type=options.positive, default=10.0, help="seconds the lock is held (10)"
     )
     p.add_argument(
         "--budget",
-        type=_positive_float,
+        type=options.positive,
         default=3.0,
         help="retry budget of the extra held-lock run that gives up (3 s; none if >= --hold)",
     )
     p.add_argument(
-        "--lock-timeout", type=_positive_float, default=0.5, help="lockstep's lock_timeout (0.5)"
+        "--lock-timeout", type=options.positive, default=0.5, help="lockstep's lock_timeout (0.5)"
     )
     p.add_argument(
         "--baseline",
-        type=_non_negative_float,
+        type=options.non_negative,
         default=2.0,
         help="seconds of no-migration traffic measured before each migration (2)",
     )
     p.add_argument(
         "--min-queries",
-        type=_positive_int,
+        type=options.at_least_one,
         default=20,
         help="queries each instance serves before and after each migration (20)",
     )
     p.add_argument(
         "--pause",
-        type=_non_negative_float,
+        type=options.non_negative,
         default=0.002,
         help="sleep between an instance's queries (0.002 s)",
     )
@@ -120,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-write", action="store_true", help="print the markdown, write nothing")
     p.add_argument(
         "--rows",
-        type=_positive_int,
+        type=options.at_least_one,
         help="run only the large-table scenario (FK + NOT NULL via CHECK) on this many rows;"
         " prints its figures and writes nothing",
     )

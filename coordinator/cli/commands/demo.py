@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from coordinator.cli import options
 from coordinator.cli.commands import CommandError, stdout_console
 from coordinator.cli.demo import (
     DEFAULT_ACK_TIMEOUT,
@@ -45,26 +46,6 @@ a scratch database.
 """
 
 
-def _agents(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
-    if not 1 <= value <= MAX_AGENTS:
-        raise argparse.ArgumentTypeError(f"must be between 1 and {MAX_AGENTS}, got {value}")
-    return value
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number of seconds, got {text!r}") from None
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
-    return value
-
-
 def register(subparsers: Subparsers) -> None:
     parser = subparsers.add_parser(
         NAME,
@@ -90,7 +71,7 @@ def register(subparsers: Subparsers) -> None:
     )
     parser.add_argument(
         "--agents",
-        type=_agents,
+        type=options.integer_between(1, MAX_AGENTS),
         default=3,
         metavar="N",
         help=f"number of agents, each with its own app loop (1-{MAX_AGENTS}, default 3)",
@@ -103,7 +84,7 @@ def register(subparsers: Subparsers) -> None:
     )
     parser.add_argument(
         "--ack-timeout",
-        type=_seconds,
+        type=options.positive,
         default=None,
         metavar="SECONDS",
         help=(
