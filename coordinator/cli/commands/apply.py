@@ -29,6 +29,7 @@ from coordinator.cli.commands.lint import lint_file, print_findings
 from coordinator.cli.embedded import configured_dsn
 from coordinator.cli.files import MigrationFile, MigrationLoadError, load_paths
 from coordinator.cli.output import Output, safe
+from coordinator.cli.progress import LiveProgress
 from coordinator.core import Coordinator, open_coordinator
 from coordinator.events import (
     AgentJoined,
@@ -221,8 +222,21 @@ class _Report:
 async def _apply(
     args: argparse.Namespace, dsn: str, files: list[MigrationFile], out: Output
 ) -> _Report:
-    retry = RetryPolicy(max_attempts=args.lock_retries, max_seconds=args.lock_retry_seconds)
     report = _Report()
+    progress = LiveProgress(out)
+    with progress:
+        return await _serve_and_run(args, dsn, files, out, report, progress)
+
+
+async def _serve_and_run(
+    args: argparse.Namespace,
+    dsn: str,
+    files: list[MigrationFile],
+    out: Output,
+    report: _Report,
+    progress: LiveProgress,
+) -> _Report:
+    retry = RetryPolicy(max_attempts=args.lock_retries, max_seconds=args.lock_retry_seconds)
     async with open_coordinator(
         dsn,
         host=args.host,
@@ -236,6 +250,7 @@ async def _apply(
         ssl_context=args.ssl_context,
     ) as coordinator:
         coordinator.subscribe(_Printer(out))
+        coordinator.subscribe(progress)
         report.url = coordinator.url
         out.event(f"coordinator listening on {safe(coordinator.url)}")
         if args.wait_agents:

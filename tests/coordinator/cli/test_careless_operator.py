@@ -162,3 +162,25 @@ def test_validate_reports_a_changed_completed_migration(tmp_path: Path, dsn: str
     proc = run_lockstep("validate", str(path), "--dsn", dsn)
     assert proc.returncode == 1
     assert "changed add_t" in proc.stdout
+
+
+def test_two_applies_of_one_file_at_once_both_end_cleanly(tmp_path: Path, dsn: str) -> None:
+    """The loser of the race waits on the migration lock, then reports the migration done by
+    the other run: no AlreadyApplied traceback, no CREATE SCHEMA duplicate-key error."""
+    path = tmp_path / "add_t.sql"
+    path.write_text("CREATE TABLE t (id INT);\nSELECT pg_sleep(0.5);")
+    command = [
+        sys.executable, "-m", "coordinator.cli", "apply", str(path),
+        "--allow-no-agents", "--dsn", dsn, "--port", "0",
+    ]  # fmt: skip
+    runs = [
+        subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    outputs = [run.communicate(timeout=120) for run in runs]
+    for run, (out, err) in zip(runs, outputs, strict=True):
+        assert run.returncode == 0, out + err
+        assert "Traceback" not in out + err
+    joined = " ".join(out for out, _ in outputs)
+    assert "completed add_t" in joined
+    assert "skipped add_t" in joined
