@@ -8,6 +8,7 @@ order in ``lockstep --help``.
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 from collections.abc import Callable
@@ -49,6 +50,7 @@ EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a closed pipe
 EXIT_TERMINATED = 143  # 128 + SIGTERM
 
 
@@ -94,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     """Run the CLI with `argv` (default: ``sys.argv[1:]``); return the process exit status.
 
     0 success, 1 a reported failure (``error: ...`` on stderr), 2 bad usage (also a bad
-    ``LOCKSTEP_*`` value or lockstep.toml), 130 interrupted (Ctrl-C), 143 terminated (SIGTERM).
+    ``LOCKSTEP_*`` value or lockstep.toml), 130 interrupted (Ctrl-C), 141 the output pipe
+    closed (``| head``), 143 terminated (SIGTERM).
     """
     try:
         parser = build_parser()
@@ -126,6 +129,14 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_TERMINATED
         stderr_console().print("interrupted")
         return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # The reader went away (`lockstep lint --json | head`): not an error of ours, and
+        # nothing more can be written. Point stdout at /dev/null so the final flush is quiet.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     finally:
         signal.signal(signal.SIGTERM, previous)
-        sys.stdout.flush()
+        try:
+            sys.stdout.flush()
+        except BrokenPipeError:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -61,6 +61,13 @@ def register(subparsers: Subparsers) -> None:
         default="text",
         help="text for people, json for scripts, sarif for GitHub code scanning",
     )
+    parser.add_argument(
+        "--json",
+        dest="format",
+        action="store_const",
+        const="json",
+        help="the same as --format json (every command that reports takes --json)",
+    )
     parser.set_defaults(func=run)
 
 

@@ -184,3 +184,23 @@ def test_two_applies_of_one_file_at_once_both_end_cleanly(tmp_path: Path, dsn: s
     joined = " ".join(out for out, _ in outputs)
     assert "completed add_t" in joined
     assert "skipped add_t" in joined
+
+
+def test_a_reader_that_closes_the_pipe_gets_no_traceback() -> None:
+    """`lockstep lint --json | head -c 10`: the pipe closes before lockstep wrote it all."""
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before lockstep writes a byte
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "coordinator.cli", "lint", "docs/recipes", "--json"],
+            cwd=REPO_ROOT,
+            stdout=write,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    finally:
+        os.close(write)
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert proc.returncode == 141
