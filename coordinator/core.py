@@ -102,6 +102,12 @@ class Coordinator:
         """Ids of the agents connected right now."""
         return self.fleet.agent_ids
 
+    @property
+    def in_flight(self) -> MigrationRun | None:
+        """The migration running (or being resumed) right now, or None: for status pages and
+        metrics, which read its `machine` (state, ledger) and never drive it."""
+        return self._active
+
     def subscribe(self, subscriber: Subscriber) -> Any:
         """Receive every `coordinator.events` event; returns an unsubscribe function."""
         return self.events.subscribe(subscriber)
