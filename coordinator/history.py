@@ -24,26 +24,21 @@ import dataclasses
 import datetime
 import hashlib
 import json
-import os
-import socket
 from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
 import psycopg
 import trio
 
+from coordinator.leader import ADVISORY_LOCK_KEY, Deposed, Leadership, open_leadership
 from coordinator.pg import thread as pgthread
 from statemachine.checkpoint import Checkpoint
-from statemachine.exceptions import LockstepError
 from statemachine.migration import Migration
 from statemachine.phases import MigrationStatus, Phase
 from statemachine.result import MigrationResult
 
-#: Key of the advisory lock (the bytes "lockstep" read as a signed 64-bit integer).
-ADVISORY_LOCK_KEY = int.from_bytes(b"lockstep", "big", signed=True)
-
 #: Version of the `lockstep` schema this code reads and writes.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 #: Creates or upgrades the schema. Run under a transaction-level advisory lock, so two
 #: coordinators starting at once do not race on CREATE ... IF NOT EXISTS.
@@ -75,6 +70,14 @@ CREATE TABLE IF NOT EXISTS lockstep.leader (
     since  timestamptz NOT NULL DEFAULT now()
 );
 INSERT INTO lockstep.leader (id, epoch) VALUES (1, 0) ON CONFLICT (id) DO NOTHING;
+-- version 3: the durable queue (`lockstep submit`), abort requests, live progress, and the
+-- leader's backend pid (so `lockstep status` can tell a live leader from a stale row).
+ALTER TABLE lockstep.leader ADD COLUMN IF NOT EXISTS backend_pid int;
+ALTER TABLE lockstep.migrations
+    ADD COLUMN IF NOT EXISTS submitted_at timestamptz,
+    ADD COLUMN IF NOT EXISTS force boolean NOT NULL DEFAULT false,
+    ADD COLUMN IF NOT EXISTS abort_requested text,
+    ADD COLUMN IF NOT EXISTS progress jsonb;
 CREATE TABLE IF NOT EXISTS lockstep.schema_version (version int NOT NULL);
 DELETE FROM lockstep.schema_version;
 INSERT INTO lockstep.schema_version (version) VALUES ({version});
@@ -82,11 +85,6 @@ INSERT INTO lockstep.schema_version (version) VALUES ({version});
 
 #: Fences a write: true only while `epoch` is still the leader's.
 _FENCE = "%(epoch)s = (SELECT epoch FROM lockstep.leader WHERE id = 1)"
-
-
-class Deposed(LockstepError):
-    """Raised when a write of a run's state finds another coordinator took the lock since
-    (the epoch moved on): this coordinator must stop acting on the migration at once."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,6 +143,11 @@ class History(Protocol):
 
     def migration_lock(self) -> contextlib.AbstractAsyncContextManager[None]: ...
 
+    @property
+    def deposed(self) -> bool:
+        """True once another coordinator took over: the run must stop acting, not roll back."""
+        ...
+
 
 class GroupJournal(Protocol):
     """Which execution groups of a run committed; the executor skips them and marks the rest.
@@ -188,6 +191,10 @@ class InMemoryHistory:
 
     def journal(self, migration: Migration) -> GroupJournal | None:
         return None
+
+    @property
+    def deposed(self) -> bool:
+        return False
 
     async def record_finish(self, migration: Migration, result: MigrationResult) -> None:
         self.rows[migration.id] = (migration, result)
@@ -236,6 +243,8 @@ class PostgresHistory:
         self.dsn = dsn
         #: The epoch this coordinator took with the migration lock (0: it holds none).
         self.epoch = 0
+        self._leadership: Leadership | None = None
+        self._term = False
 
     async def _run(
         self, sql: str, params: tuple[object, ...] | dict[str, object] = ()
@@ -390,29 +399,40 @@ class PostgresHistory:
         )
         return bool(rows[0][0])
 
+    @property
+    def deposed(self) -> bool:
+        """True once the leadership this history writes under was lost: stop acting."""
+        return self._leadership is not None and not self._leadership.is_leader()
+
+    def lead_with(self, leadership: Leadership | None) -> None:
+        """Write under `leadership` held for longer than one migration (``lockstep serve``):
+        `migration_lock` then takes nothing itself. None returns to a lock per migration."""
+        self._leadership = leadership
+        self._term = leadership is not None
+        self.epoch = leadership.epoch if leadership is not None else 0
+
     @contextlib.asynccontextmanager
     async def migration_lock(self) -> AsyncIterator[None]:
-        """Hold the database-wide advisory lock on a dedicated connection and take a new
-        epoch: from now on only this coordinator's writes of run state succeed."""
-        conn = await pgthread.connect(self.dsn, autocommit=True)
-        try:
+        """Be the leader while the body runs: one migration at a time per database.
 
-            def take() -> int:
-                conn.execute("SELECT pg_advisory_lock(%s)", (ADVISORY_LOCK_KEY,))
-                row = conn.execute(
-                    "UPDATE lockstep.leader SET epoch = epoch + 1, holder = %s, since = now() "
-                    "WHERE id = 1 RETURNING epoch",
-                    (f"pid {os.getpid()} on {socket.gethostname()}",),
-                ).fetchone()
-                assert row is not None
-                return int(row[0])
-
-            self.epoch = await pgthread.run_in_thread(conn, take)
+        Under a term's leadership (`lead_with`) that is already so. Otherwise the lock is
+        taken for the body (waiting while another coordinator holds it) with a new epoch,
+        probed continually, and released after: `LeadershipLost` if it was lost meanwhile.
+        """
+        if self._term:
+            if self.deposed:
+                assert self._leadership is not None
+                raise Deposed(f"no longer the leader: {self._leadership.lost_reason}")
             yield
-        finally:
-            self.epoch = 0
-            # Closing the session releases the lock even if unlocking is never reached.
-            await pgthread.close(conn)
+            return
+        async with open_leadership(self.dsn) as leadership:
+            self._leadership = leadership
+            self.epoch = leadership.epoch
+            try:
+                yield
+            finally:
+                self.epoch = 0
+                self._leadership = None
 
 
 __all__ = [

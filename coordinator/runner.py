@@ -131,7 +131,8 @@ class MigrationRun:
         try:
             await self._drive()
         except* trio.Cancelled:
-            if not rollback_on_cancel:
+            if not rollback_on_cancel or (self.history is not None and self.history.deposed):
+                # Deposed: the new leader owns the migration now; acting would fight it.
                 raise
             # The host cancelled us mid-migration: put things back before going away. (except*
             # because an executor's nursery may deliver the cancellation inside a group.)

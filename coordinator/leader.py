@@ -1,0 +1,228 @@
+"""Leader election on PostgreSQL: one coordinator acts on a database at a time, and knows it.
+
+Why not consensus code of our own: the database the migrations change is already the one
+thing every coordinator must reach, so it is the arbiter. The leader is whoever holds the
+session advisory lock `ADVISORY_LOCK_KEY` on a dedicated connection; taking it increments the
+epoch in `lockstep.leader`, and every durable write of run state is conditional on that epoch
+(`coordinator.history`), so a deposed leader can change nothing even before it notices.
+
+A lock taken once and never looked at again is not leadership: an operator's
+`pg_terminate_backend`, `idle_session_timeout`, a server restart or a network partition ends
+the session and frees the lock for a successor while the holder still thinks it leads. So
+`open_leadership` probes its lock session every `probe_interval` seconds (is the session
+alive, does it still hold the lock, is the epoch still ours?) and gives the probe
+`probe_timeout` seconds to answer; the first probe that fails ends the leadership: the body
+of the ``async with`` is cancelled and `LeadershipLost` raised. A leader thus stops acting
+within `probe_interval + probe_timeout` seconds of losing its session (4 s by default), and
+the epoch fence covers that window.
+
+A standby polls `pg_try_advisory_lock` every `poll_interval` seconds; PostgreSQL frees the
+lock as soon as it sees the holder's session end, so a dead leader is replaced within about
+`poll_interval` of its connection closing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import socket
+from collections.abc import AsyncIterator
+from typing import Any
+
+import psycopg
+import trio
+
+from coordinator.pg import thread as pgthread
+from coordinator.pg.errors import pg_message
+from statemachine.exceptions import LockstepError, unwrap_single_group
+
+log = logging.getLogger("lockstep.coordinator")
+
+#: Key of the advisory lock (the bytes "lockstep" read as a signed 64-bit integer).
+ADVISORY_LOCK_KEY = int.from_bytes(b"lockstep", "big", signed=True)
+
+#: Does this session still hold the leader lock? (classid/objid are the key's two halves.)
+_HOLDS_LOCK = (
+    "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted "
+    "AND pid = pg_backend_pid() AND ((classid::bigint << 32) | objid::bigint) = %(key)s), "
+    "(SELECT epoch FROM lockstep.leader WHERE id = 1)"
+)
+
+
+class Deposed(LockstepError):
+    """Raised when a write of a run's state finds another coordinator took the lock since
+    (the epoch moved on): this coordinator must stop acting on the migration at once."""
+
+
+class LeadershipLost(Deposed):
+    """Raised by `open_leadership` when the lock session failed a probe (terminated, timed
+    out, the lock or the epoch gone): the body was cancelled, a successor may already lead."""
+
+
+def default_holder(detail: str = "") -> str:
+    """How `lockstep status` names a leader: process, host and what it serves."""
+    text = f"pid {os.getpid()} on {socket.gethostname()}"
+    return f"{text}, {detail}" if detail else text
+
+
+@dataclasses.dataclass
+class Leadership:
+    """This process's leadership of one database, as long as `lost_reason` is None."""
+
+    epoch: int
+    holder: str
+    lost_reason: str | None = None
+
+    def is_leader(self) -> bool:
+        return self.lost_reason is None
+
+
+async def _try_take(conn: psycopg.Connection[Any], holder: str) -> int | None:
+    """Take the lock and a new epoch if the lock is free; None if another session holds it."""
+
+    def work() -> int | None:
+        row = conn.execute("SELECT pg_try_advisory_lock(%s)", (ADVISORY_LOCK_KEY,)).fetchone()
+        if row is None or not row[0]:
+            return None
+        taken = conn.execute(
+            "UPDATE lockstep.leader SET epoch = epoch + 1, holder = %s, since = now(), "
+            "backend_pid = pg_backend_pid() WHERE id = 1 RETURNING epoch",
+            (holder,),
+        ).fetchone()
+        assert taken is not None
+        return int(taken[0])
+
+    return await pgthread.run_in_thread(conn, work)
+
+
+async def _probe(conn: psycopg.Connection[Any], epoch: int, timeout: float) -> str | None:
+    """None while the leadership holds; otherwise why it does not."""
+
+    def work() -> tuple[bool, int]:
+        row = conn.execute(_HOLDS_LOCK, {"key": ADVISORY_LOCK_KEY}).fetchone()
+        assert row is not None
+        return bool(row[0]), int(row[1])
+
+    # Abandoned, not cancelled, on timeout: a partitioned connection may never answer, and
+    # asking the server to cancel would hang the same way.
+    with trio.move_on_after(timeout):
+        try:
+            holds, current = await trio.to_thread.run_sync(work, abandon_on_cancel=True)
+        except psycopg.Error as exc:
+            return f"the lock session failed: {pg_message(exc)}"
+        if not holds:
+            return "the lock session no longer holds the leader lock"
+        if current != epoch:
+            return f"another coordinator took over (epoch {current}, ours {epoch})"
+        return None
+    return f"the lock session did not answer a probe within {timeout:g} s"
+
+
+async def _connect_lock_session(dsn: str) -> psycopg.Connection[Any]:
+    conn = await pgthread.connect(dsn, autocommit=True)
+
+    def settle() -> None:
+        # The lock session is idle by design: a server-wide idle_session_timeout must not end
+        # it (PostgreSQL 14+; older servers have no such setting and no such risk).
+        with contextlib.suppress(psycopg.errors.UndefinedObject):
+            conn.execute("SET idle_session_timeout = 0")
+
+    await pgthread.run_in_thread(conn, settle)
+    return conn
+
+
+async def _discard(conn: psycopg.Connection[Any]) -> None:
+    """Close the lock session without waiting on a connection that may never answer."""
+    with trio.CancelScope(shield=True), trio.move_on_after(2.0):
+        await trio.to_thread.run_sync(conn.close, abandon_on_cancel=True)
+
+
+async def _watch(
+    conn: psycopg.Connection[Any],
+    leadership: Leadership,
+    interval: float,
+    timeout: float,
+    scope: trio.CancelScope,
+) -> None:
+    """Probe until a probe fails, then record why and cancel the leader's work (`scope`)."""
+    while True:
+        await trio.sleep(interval)
+        reason = await _probe(conn, leadership.epoch, timeout)
+        if reason is not None:
+            leadership.lost_reason = reason
+            log.error("lost the leadership (epoch %d): %s", leadership.epoch, reason)
+            scope.cancel()
+            return
+
+
+@contextlib.asynccontextmanager
+async def open_leadership(
+    dsn: str,
+    *,
+    holder: str | None = None,
+    poll_interval: float = 0.5,
+    probe_interval: float = 1.0,
+    probe_timeout: float = 3.0,
+) -> AsyncIterator[Leadership]:
+    """Wait to become the leader of the database at `dsn`, then hold it while the body runs.
+
+    Waits (as a standby) while another session holds the lock, polling every
+    `poll_interval` s. Inside the body the leadership is probed continually; when a probe
+    fails the body is cancelled and `LeadershipLost` raised. Leaving the body releases the
+    lock (closing the session), so the next standby takes over.
+    """
+    holder = holder or default_holder()
+    conn: psycopg.Connection[Any] | None = None
+    delay = poll_interval
+    try:
+        while True:
+            try:
+                if conn is None:
+                    conn = await _connect_lock_session(dsn)
+                epoch = await _try_take(conn, holder)
+            except psycopg.OperationalError as exc:
+                # The database is a dependency that fails: wait for it, as a standby would.
+                log.warning(
+                    "cannot reach the database to take the leader lock (%s); retrying in %.1f s",
+                    pg_message(exc),
+                    delay,
+                )
+                if conn is not None:
+                    await _discard(conn)
+                    conn = None
+                await trio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            if epoch is not None:
+                break
+            delay = poll_interval
+            await trio.sleep(poll_interval)
+        assert conn is not None
+        leadership = Leadership(epoch, holder)
+        log.info("leader of the database with epoch %d (%s)", epoch, holder)
+        with unwrap_single_group():
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(
+                    _watch, conn, leadership, probe_interval, probe_timeout, nursery.cancel_scope
+                )
+                try:
+                    yield leadership
+                finally:
+                    nursery.cancel_scope.cancel()
+        if leadership.lost_reason is not None:
+            raise LeadershipLost(f"no longer the leader: {leadership.lost_reason}")
+    finally:
+        if conn is not None:
+            await _discard(conn)
+
+
+__all__ = [
+    "ADVISORY_LOCK_KEY",
+    "Deposed",
+    "Leadership",
+    "LeadershipLost",
+    "default_holder",
+    "open_leadership",
+]
