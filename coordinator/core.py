@@ -46,6 +46,9 @@ from statemachine.sql.catalog import Catalog
 
 log = logging.getLogger("lockstep.coordinator")
 
+#: Close code of a standby refusing an agent: "not the leader, try another URL".
+CLOSE_NOT_LEADER = 4011
+
 
 @dataclasses.dataclass
 class _Resumption:
@@ -95,6 +98,9 @@ class Coordinator:
         #: Runs a coordinator that stopped left unfinished, by name, until this one finished
         #: them (`adopt`, `resume_unfinished`).
         self._resuming: dict[str, _Resumption] = {}
+        #: None while this coordinator serves agents; otherwise why it refuses them (a
+        #: standby of ``lockstep serve``: agents go to the leader, close code 4011).
+        self.standby_reason: str | None = None
 
     # ------------------------------------------------------------- public API
     @property
@@ -120,7 +126,9 @@ class Coordinator:
     async def load_history(self) -> None:
         self._applied = [a.name for a in await self.history.applied()]
 
-    async def run_migration(self, migration: Migration, *, force: bool = False) -> MigrationResult:
+    async def run_migration(
+        self, migration: Migration, *, force: bool = False, rollback_on_cancel: bool = True
+    ) -> MigrationResult:
         """Run `migration` through every phase; waits its turn if another one is running.
 
         The migration is planned first (`statemachine.sql.build_plan`, what ``lockstep plan``
@@ -130,8 +138,12 @@ class Coordinator:
         derived when every statement has a safe inverse; otherwise a failure after EXECUTE
         leaves the schema expanded and the result's warnings say why.
 
+        Cancelled, it rolls back first unless `rollback_on_cancel` is False (``lockstep
+        serve`` stopping): then the run stays durable where it was, for the next leader.
+
         Returns the result whether it completed or rolled back; raises only for misuse
-        (`MigrationRejected`, `AlreadyApplied` when the name already completed here).
+        (`MigrationRejected`, `AlreadyApplied` when the name already completed here) and
+        `Deposed` when another coordinator took over mid-run (it finishes the migration).
         """
         resumed = await self._wait_for_resumption(migration)
         if resumed is not None:
@@ -163,7 +175,7 @@ class Coordinator:
                 warnings=lint_warnings,
             )
             await self.history.record_start(migration, Checkpoint.of(run.machine))
-            return await self._drive_run(run)
+            return await self._drive_run(run, rollback_on_cancel=rollback_on_cancel)
 
     async def _drive_run(
         self, run: MigrationRun, *, rollback_on_cancel: bool = True
@@ -294,6 +306,27 @@ class Coordinator:
             log.warning("lint gate without the catalog (%s): it stays conservative", exc)
             return None
 
+    def request_abort(self, name: str, reason: str) -> bool:
+        """Roll back the in-flight migration `name` at its next safe point
+        (`MigrationRun.abort`); False if it is not the one in flight here."""
+        run = self._active
+        if run is None or run.migration.name != name:
+            return False
+        run.abort(reason)
+        return True
+
+    def begin_term(self) -> None:
+        """Forget what an earlier leadership term knew (``lockstep serve`` regained the lead
+        after losing it): the durable state is read afresh by `load_history` and `adopt`."""
+        self._applied = []
+        self._active = None
+        self._resuming = {}
+
+    def drop_agents(self, code: int, reason: str) -> None:
+        """Close every agent connection with `code` (a deposed leader sends them on)."""
+        for link in self.fleet:
+            link.close(reason, code=code)
+
     def completed_names(self) -> list[str]:
         """Migrations completed on this database (a resumed one only once it finished)."""
         return list(self._applied)
@@ -337,6 +370,10 @@ class Coordinator:
             ws = await request.accept()
         except Exception:
             log.info("a client went away during the WebSocket upgrade")
+            return
+        if self.standby_reason is not None:
+            with trio.move_on_after(2):
+                await ws.aclose(CLOSE_NOT_LEADER, self.standby_reason[:120])
             return
         await serve_connection(self, ws, None if ticket is None else ticket.release)
 

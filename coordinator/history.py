@@ -40,6 +40,10 @@ from statemachine.result import MigrationResult
 #: Version of the `lockstep` schema this code reads and writes.
 SCHEMA_VERSION = 3
 
+#: Serializes schema upgrades (its own key: the leader holds `ADVISORY_LOCK_KEY` for as long
+#: as it leads, and a standby must still be able to check the schema).
+SCHEMA_LOCK_KEY = int.from_bytes(b"lsschema", "big", signed=True)
+
 #: Creates or upgrades the schema. Run under a transaction-level advisory lock, so two
 #: coordinators starting at once do not race on CREATE ... IF NOT EXISTS.
 SCHEMA_SQL = """
@@ -255,16 +259,7 @@ class PostgresHistory:
     async def _run_counted(
         self, sql: str, params: tuple[object, ...] | dict[str, object] = ()
     ) -> tuple[list[tuple[Any, ...]], int]:
-        conn = await pgthread.connect(self.dsn, autocommit=True)
-        try:
-
-            def work() -> tuple[list[tuple[Any, ...]], int]:
-                cur = conn.execute(sql.encode(), params)
-                return (list(cur.fetchall()) if cur.description else []), cur.rowcount
-
-            return await pgthread.run_in_thread(conn, work)
-        finally:
-            await pgthread.close(conn)
+        return await pgthread.query(self.dsn, sql, params)
 
     async def ensure_schema(self) -> None:
         """Create or upgrade the `lockstep` schema to `SCHEMA_VERSION` (idempotent)."""
@@ -275,7 +270,7 @@ class PostgresHistory:
                 with conn.transaction():
                     # Two integer constants of ours: formatting them in is safe, and a script of
                     # several statements cannot take parameters.
-                    script = SCHEMA_SQL.format(key=ADVISORY_LOCK_KEY, version=SCHEMA_VERSION)
+                    script = SCHEMA_SQL.format(key=SCHEMA_LOCK_KEY, version=SCHEMA_VERSION)
                     conn.execute(script.encode())
 
             await pgthread.run_in_thread(conn, work)
@@ -306,16 +301,20 @@ class PostgresHistory:
 
     async def record_start(self, migration: Migration, checkpoint: Checkpoint) -> None:
         await self._run(
+            # A submitted migration already has its row ('queued'): starting it is an update.
             "INSERT INTO lockstep.migrations (id, name, checksum, status, spec, checkpoint, "
-            "updated_at) VALUES (%s, %s, %s, 'running', %s, %s, now()) "
-            "ON CONFLICT (id) DO NOTHING",
-            (
-                migration.id,
-                migration.name,
-                checksum(migration),
-                json.dumps(migration.to_json()),
-                json.dumps(checkpoint.to_json()),
-            ),
+            "updated_at) VALUES (%(id)s, %(name)s, %(checksum)s, 'running', %(spec)s, "
+            "%(checkpoint)s, now()) "
+            "ON CONFLICT (id) DO UPDATE SET status = 'running', started_at = now(), "
+            "checkpoint = EXCLUDED.checkpoint, updated_at = now() "
+            "WHERE lockstep.migrations.status = 'queued'",
+            {
+                "id": migration.id,
+                "name": migration.name,
+                "checksum": checksum(migration),
+                "spec": json.dumps(migration.to_json()),
+                "checkpoint": json.dumps(checkpoint.to_json()),
+            },
         )
 
     async def save(self, migration: Migration, checkpoint: Checkpoint) -> None:
@@ -374,12 +373,14 @@ class PostgresHistory:
             return []
         return [HistoryRow(*row) for row in found]
 
-    async def mark_unresumable(self) -> list[str]:
+    async def mark_unresumable(self, *, when_free: bool = True) -> list[str]:
         """Mark rows left 'running' without a checkpoint (written by a lockstep before
         durable runs) as 'interrupted': nothing says how far they got. Only while nobody
-        holds the migration lock. Returns the names marked."""
+        holds the migration lock (`when_free`), or by the leader that holds it. Returns the
+        names marked."""
+        probe = "pg_try_advisory_xact_lock(%s)" if when_free else "%s IS NOT NULL"
         rows = await self._run(
-            "WITH free AS (SELECT pg_try_advisory_xact_lock(%s) AS ok) "
+            f"WITH free AS (SELECT {probe} AS ok) "
             "UPDATE lockstep.migrations SET status = 'interrupted', finished_at = now(), "
             "reason = 'the coordinator stopped before the migration finished and an older "
             "lockstep kept no checkpoint: check the schema' "

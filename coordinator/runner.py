@@ -81,6 +81,8 @@ class MigrationRun:
         self.warnings: list[str] = list(warnings)
         self.report = Reporter(migration.name, events.emit)
         self._changed = trio.Event()
+        #: An operator's abort request (``lockstep abort``), applied at the next safe point.
+        self.abort_reason: str | None = None
 
     # ------------------------------------------------ inputs from connections
     def on_ack(self, agent_id: str, migration_id: str, phase: Phase) -> AckOutcome:
@@ -120,6 +122,25 @@ class MigrationRun:
     def _wake(self) -> None:
         self._changed.set()
 
+    def abort(self, reason: str) -> None:
+        """Roll the migration back at its next safe point, as an operator asked.
+
+        While acks are collected that is at once. While EXECUTE's SQL runs it is right after
+        it commits (a transaction cut in the middle would leave the journal and the schema
+        to reconcile; after the commit ROLLBACK simply runs rollback_sql). While CONTRACT
+        runs it is too late if CONTRACT commits: the migration then only goes forward, and
+        its warnings say the abort came too late.
+        """
+        if self.abort_reason is None:
+            self.abort_reason = reason
+            self._wake()
+
+    def _abort_now(self) -> bool:
+        return self.abort_reason is not None and self.machine.may_cancel()
+
+    def _apply_abort(self) -> None:
+        self.machine.cancel(message=f"aborted by an operator: {self.abort_reason}")
+
     # ------------------------------------------------------------- the drive
     async def run(self, *, rollback_on_cancel: bool = True) -> MigrationResult:
         """Drive the machine to a terminal state and return the result.
@@ -154,12 +175,20 @@ class MigrationRun:
             await self.persist()
             state = m.state
             phase = state.phase
+            if self._abort_now() and state not in (S.EXECUTE, S.CONTRACT):
+                self._apply_abort()
+                continue
             if state is S.EXECUTE:
                 self._notify_phase(Phase.EXECUTE)
                 await self._run_sql(Phase.EXECUTE, self.plan.execute.groups, expand=True)
             elif state is S.CONTRACT:
                 self._notify_phase(Phase.CONTRACT)
                 await self._run_sql(Phase.CONTRACT, self.plan.contract.groups)
+                if self.abort_reason is not None and m.contracted:
+                    m.warnings.append(
+                        f"an abort was requested ({self.abort_reason}) while CONTRACT ran; "
+                        "CONTRACT committed, so the migration went forward"
+                    )
             elif phase in ACKED_PHASES:
                 await self._collect_answers()
                 if state is S.CONFIRM:
@@ -229,10 +258,13 @@ class MigrationRun:
         assert state.phase is not None
         self._notify_phase(state.phase, ack_required=True)
         with trio.move_on_after(self.ack_timeout):
-            while m.state is state and m.awaiting_acks:
+            while m.state is state and m.awaiting_acks and not self._abort_now():
                 self._changed = trio.Event()
                 await self._changed.wait()
-        if m.state is state:
+                await self.persist()  # who acked so far is durable (and visible to status)
+        if m.state is state and self._abort_now():
+            self._apply_abort()
+        elif m.state is state:
             m.deadline_passed(self.ack_timeout)
 
     async def _execute(self, phase: Phase, groups: Sequence[ExecutionGroup]) -> list[SqlAttempt]:

@@ -62,3 +62,23 @@ async def connect(dsn: str, *, autocommit: bool = False) -> psycopg.Connection[A
 async def close(conn: psycopg.Connection[Any]) -> None:
     with trio.CancelScope(shield=True):
         await trio.to_thread.run_sync(conn.close)
+
+
+async def query(
+    dsn: str, sql: str, params: tuple[object, ...] | dict[str, object] = ()
+) -> tuple[list[tuple[Any, ...]], int]:
+    """Run one statement on a fresh autocommit connection: its rows (if any) and rowcount.
+
+    For the coordinator's bookkeeping (history, queue, status), which is rare enough that a
+    connection per statement costs nothing and never leaves a session in a bad state.
+    """
+    conn = await connect(dsn, autocommit=True)
+    try:
+
+        def work() -> tuple[list[tuple[Any, ...]], int]:
+            cur = conn.execute(sql.encode(), params)
+            return (list(cur.fetchall()) if cur.description else []), cur.rowcount
+
+        return await run_in_thread(conn, work)
+    finally:
+        await close(conn)

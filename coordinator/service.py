@@ -1,0 +1,252 @@
+"""`lockstep serve`: a long-running coordinator that leads, or stands by, and survives its death.
+
+One `Service` per process. It listens for agents from the start, but serves them only while
+it is the leader (`coordinator.leader`): a standby closes agent connections with code 4011
+(`CLOSE_NOT_LEADER`) so agents given several URLs move on to the leader. Each time it
+becomes the leader (a *term*) it takes a new epoch and, in this order:
+
+1. reads the durable state: the completed migrations and any run a previous leader left
+   unfinished, which it adopts *before* serving an agent, so every Welcome tells the truth
+   (`Coordinator.adopt`, docs/durability.md);
+2. serves agents and resumes the adopted runs;
+3. takes submitted migrations from the durable queue (`coordinator.queue`) oldest first, woken
+   by ``NOTIFY lockstep`` and polling every `poll_interval` s in case a notification was lost;
+4. applies abort requests (``lockstep abort``) to the run in flight.
+
+A term ends when the leadership is lost (a failed probe: the leader stops acting within a few
+seconds and drops its agents, which reconnect to the new leader) or when the service stops.
+Stopping (SIGTERM, SIGINT, a cancelled scope) never rolls back: the run in flight stays
+durable where it was, and the next leader (a standby, or this service restarted) resumes it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import ssl
+from collections.abc import AsyncIterator
+from typing import Any
+
+import psycopg
+import trio
+
+from coordinator.core import CLOSE_NOT_LEADER, Coordinator
+from coordinator.executor import PostgresExecutor
+from coordinator.history import PostgresHistory
+from coordinator.leader import Leadership, LeadershipLost, default_holder, open_leadership
+from coordinator.pg.attempts import DEFAULT_STATEMENT_TIMEOUT, RetryPolicy
+from coordinator.pg.errors import pg_message
+from coordinator.pg.notify import listen
+from coordinator.queue import CHANNEL, abort_requested, mark_not_run, next_queued
+from coordinator.server import serve_bounded
+from statemachine.exceptions import AlreadyApplied, unwrap_single_group
+from statemachine.gate import MigrationRejected
+
+log = logging.getLogger("lockstep.coordinator")
+
+STANDBY = "standby: another coordinator leads this database"
+
+
+class Service:
+    """A coordinator process that takes the lead when it can (module docstring).
+
+    Build it with `open_service`. `coordinator` is the same object for the whole process
+    (its events and metrics carry across terms); `leadership` is the current term's, or None
+    while standing by.
+    """
+
+    def __init__(
+        self,
+        dsn: str,
+        coordinator: Coordinator,
+        history: PostgresHistory,
+        *,
+        holder: str,
+        poll_interval: float,
+        leader_poll_interval: float,
+        probe_interval: float,
+        probe_timeout: float,
+    ) -> None:
+        self.dsn = dsn
+        self.coordinator = coordinator
+        self.history = history
+        self.holder = holder
+        self.poll_interval = poll_interval
+        self.leader_poll_interval = leader_poll_interval
+        self.probe_interval = probe_interval
+        self.probe_timeout = probe_timeout
+        self.leadership: Leadership | None = None
+        self.terms = 0
+        self._queue_changed = trio.Event()
+        self._abort_changed = trio.Event()
+        self._leading = trio.Event()
+
+    # ------------------------------------------------------- for readiness
+    def is_leader(self) -> bool:
+        return self.leadership is not None and self.leadership.is_leader()
+
+    def epoch(self) -> int:
+        return self.leadership.epoch if self.leadership is not None else 0
+
+    def leader_description(self) -> str:
+        return self.holder if self.is_leader() else STANDBY
+
+    async def wait_until_leader(self) -> None:
+        await self._leading.wait()
+
+    # ----------------------------------------------------------- the loop
+    async def run(self) -> None:
+        """Stand by, lead, and stand by again after a lost term, until cancelled."""
+        delay = 1.0
+        while True:
+            try:
+                async with open_leadership(
+                    self.dsn,
+                    holder=self.holder,
+                    poll_interval=self.leader_poll_interval,
+                    probe_interval=self.probe_interval,
+                    probe_timeout=self.probe_timeout,
+                ) as leadership:
+                    await self._term(leadership)
+            except LeadershipLost as exc:
+                log.error("%s; standing by", exc)
+            except psycopg.OperationalError as exc:
+                log.error("the database failed during the term (%s); standing by", pg_message(exc))
+                await trio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+
+    async def _term(self, leadership: Leadership) -> None:
+        coordinator = self.coordinator
+        self.history.lead_with(leadership)
+        coordinator.begin_term()
+        try:
+            for name in await self.history.mark_unresumable(when_free=False):
+                log.warning("migration %r was left running with no checkpoint: interrupted", name)
+            await coordinator.load_history()
+            coordinator.adopt(await self.history.unfinished())
+            self.leadership = leadership
+            self.terms += 1
+            coordinator.standby_reason = None  # agents are served from here on
+            self._leading.set()
+            log.info("leading with epoch %d: serving agents on %s", leadership.epoch, self.url)
+            async with trio.open_nursery() as nursery:
+                await nursery.start(listen, self.dsn, CHANNEL, self._notified)
+                nursery.start_soon(self._watch_aborts)
+                await coordinator.resume_unfinished()
+                await self._take_queue(leadership)
+        finally:
+            coordinator.standby_reason = STANDBY
+            self.leadership = None
+            self._leading = trio.Event()
+            self.history.lead_with(None)
+            coordinator.drop_agents(CLOSE_NOT_LEADER, "this coordinator stopped leading")
+
+    @property
+    def url(self) -> str:
+        return self.coordinator.url
+
+    def _notified(self, payload: str) -> None:
+        if payload == "abort":
+            self._abort_changed.set()
+        else:
+            self._queue_changed.set()
+
+    async def _take_queue(self, leadership: Leadership) -> None:
+        while True:
+            item = await next_queued(self.dsn)
+            if item is None:
+                with trio.move_on_after(self.poll_interval):
+                    await self._queue_changed.wait()
+                self._queue_changed = trio.Event()
+                continue
+            migration = item.migration
+            try:
+                await self.coordinator.run_migration(
+                    migration, force=item.force, rollback_on_cancel=False
+                )
+            except (MigrationRejected, AlreadyApplied) as exc:
+                log.error("%s: not run: %s", migration.name, exc)
+                await mark_not_run(self.dsn, migration.id, "rejected", str(exc), leadership.epoch)
+
+    async def _watch_aborts(self) -> None:
+        while True:
+            run = self.coordinator.in_flight
+            if run is not None and run.abort_reason is None:
+                try:
+                    reason = await abort_requested(self.dsn, run.migration.id)
+                except psycopg.OperationalError as exc:
+                    log.warning("cannot read abort requests (%s)", pg_message(exc))
+                    reason = None
+                if reason is not None and run is self.coordinator.in_flight:
+                    log.warning("%s: abort requested: %s", run.migration.name, reason)
+                    run.abort(reason)
+            with trio.move_on_after(1.0):
+                await self._abort_changed.wait()
+            self._abort_changed = trio.Event()
+
+
+@contextlib.asynccontextmanager
+async def open_service(
+    dsn: str,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    ssl_context: ssl.SSLContext | None = None,
+    ack_timeout: float = 30.0,
+    lock_timeout: float = 0.5,
+    statement_timeout: float | None = DEFAULT_STATEMENT_TIMEOUT,
+    lock_retry: RetryPolicy | None = None,
+    holder: str | None = None,
+    poll_interval: float = 2.0,
+    leader_poll_interval: float = 0.5,
+    probe_interval: float = 1.0,
+    probe_timeout: float = 3.0,
+    **coordinator_options: Any,
+) -> AsyncIterator[Service]:
+    """Run a `Service` on `dsn`, listening for agents on `host:port`, until the body ends.
+
+    Leaving the body (or cancelling it) stops the service without rolling anything back
+    (module docstring). `coordinator_options` go to `Coordinator` (token, shared_token,
+    heartbeat_interval, handshake_timeout, limits).
+    """
+    history = PostgresHistory(dsn)
+    await history.ensure_schema()
+    coordinator = Coordinator(
+        executor=PostgresExecutor(
+            dsn, lock_timeout=lock_timeout, statement_timeout=statement_timeout, retry=lock_retry
+        ),
+        history=history,
+        ack_timeout=ack_timeout,
+        **coordinator_options,
+    )
+    coordinator.standby_reason = STANDBY
+    with unwrap_single_group():
+        async with trio.open_nursery() as nursery:
+            server = await nursery.start(
+                serve_bounded,
+                coordinator.handle_request,
+                host,
+                port,
+                ssl_context,
+                coordinator.limits,
+            )
+            scheme = "ws" if ssl_context is None else "wss"
+            coordinator.url = f"{scheme}://{host}:{server.port}"
+            service = Service(
+                dsn,
+                coordinator,
+                history,
+                holder=holder or default_holder(f"agents on {coordinator.url}"),
+                poll_interval=poll_interval,
+                leader_poll_interval=leader_poll_interval,
+                probe_interval=probe_interval,
+                probe_timeout=probe_timeout,
+            )
+            nursery.start_soon(service.run)
+            try:
+                yield service
+            finally:
+                nursery.cancel_scope.cancel()
+
+
+__all__ = ["STANDBY", "Service", "open_service"]

@@ -1,0 +1,164 @@
+"""`lockstep serve` in-process: leading and standing by, the durable queue, abort, handover.
+
+Real PostgreSQL, real loopback WebSockets, two services on one database where it matters.
+The SIGKILL versions with real processes are in tests/system/test_serve_faults.py.
+"""
+
+from __future__ import annotations
+
+import json
+
+import psycopg
+import pytest
+import trio
+from trio_websocket import ConnectionClosed
+
+from agent import MigrationInfo, open_agent
+from coordinator.core import CLOSE_NOT_LEADER
+from coordinator.queue import AbortRefused, SubmitRefused, request_abort, submit
+from coordinator.service import Service, open_service
+from statemachine import Migration
+from tests.support.flow import columns, hang, make_users, raw_client, say_hello
+
+ADD_EMAIL = "ALTER TABLE users ADD COLUMN email text"
+FAST = {"leader_poll_interval": 0.05, "probe_interval": 0.2, "poll_interval": 0.5}
+
+
+def _migration(name: str = "add_email", *, contract: bool = False) -> Migration:
+    return Migration(
+        name,
+        [ADD_EMAIL],
+        rollback_sql=["ALTER TABLE users DROP COLUMN IF EXISTS email"],
+        contract_sql=["ALTER TABLE users DROP COLUMN name"] if contract else [],
+        ack_timeout=10,
+    )
+
+
+def _rows(dsn: str) -> dict[str, tuple[str, str | None]]:
+    with psycopg.connect(dsn) as conn:
+        found = conn.execute("SELECT name, status, reason FROM lockstep.migrations").fetchall()
+    return {name: (status, reason) for name, status, reason in found}
+
+
+async def _until(predicate: object, timeout: float = 15) -> None:
+    assert callable(predicate)
+    with trio.fail_after(timeout):
+        while not predicate():
+            await trio.sleep(0.05)
+
+
+async def test_a_submitted_migration_is_run_by_the_leader_with_its_fleet(dsn: str) -> None:
+    make_users(dsn)
+    async with open_service(dsn, **FAST) as service:
+        with trio.fail_after(10):
+            await service.wait_until_leader()
+        async with open_agent(service.url, agent_id="a1") as agent:
+            [queued] = await submit(dsn, [_migration()])
+            assert queued.outcome == "queued"
+            await _until(lambda: _rows(dsn).get("add_email", ("",))[0] == "completed")
+            assert agent.is_applied("add_email")
+    assert "email" in columns(dsn)
+
+
+async def test_submitting_is_idempotent_and_refuses_changed_sql(dsn: str) -> None:
+    make_users(dsn)
+    async with open_service(dsn, **FAST) as service:
+        await service.wait_until_leader()
+        first = await submit(dsn, [_migration()])
+        again = await submit(dsn, [_migration()])
+        assert again[0].id == first[0].id and again[0].outcome.startswith("already")
+        changed = Migration("add_email", ["ALTER TABLE users ADD COLUMN email varchar(10)"])
+        with pytest.raises(SubmitRefused, match="different SQL"):
+            await submit(dsn, [changed])
+
+
+async def test_a_standby_refuses_agents_with_the_not_leader_code(dsn: str) -> None:
+    async with open_service(dsn, **FAST) as leader:
+        await leader.wait_until_leader()
+        async with open_service(dsn, **FAST) as standby:
+            await trio.sleep(0.3)
+            assert not standby.is_leader()
+            async with raw_client(standby.url) as ws:
+                with pytest.raises(ConnectionClosed) as closed:
+                    await say_hello(ws, "a1")
+            assert closed.value.reason.code == CLOSE_NOT_LEADER
+
+
+async def test_abort_rolls_back_the_running_migration_and_cancels_a_queued_one(dsn: str) -> None:
+    make_users(dsn)
+    async with open_service(dsn, **FAST) as service:
+        await service.wait_until_leader()
+        async with open_agent(service.url, agent_id="a1", on_apply=hang):
+            await submit(dsn, [_migration(), _migration("second")])
+            await _until(lambda: _rows(dsn)["add_email"][0] == "running")
+            await _until(lambda: service.coordinator.in_flight is not None)
+            run = service.coordinator.in_flight
+            assert run is not None
+            await _until(lambda: run.machine.state.name == "APPLY")
+            queued = await request_abort(dsn, "second", "not today")
+            assert queued.outcome == "cancelled"
+            running = await request_abort(dsn, "add_email", "wrong column name")
+            assert running.outcome == "requested"
+            await _until(lambda: _rows(dsn)["add_email"][0] == "failed")
+    rows = _rows(dsn)
+    assert "aborted by an operator: wrong column name" in (rows["add_email"][1] or "")
+    assert rows["second"][0] == "cancelled"
+    assert "email" not in columns(dsn)  # rolled back: rollback_sql ran
+
+
+async def test_abort_is_refused_once_contract_committed(dsn: str) -> None:
+    make_users(dsn)
+    with psycopg.connect(dsn) as conn:
+        conn.execute("CREATE SCHEMA IF NOT EXISTS lockstep")
+    async with open_service(dsn, **FAST) as service:
+        await service.wait_until_leader()
+    with psycopg.connect(dsn) as conn:
+        conn.execute(
+            "INSERT INTO lockstep.migrations (id, name, checksum, status, checkpoint) "
+            "VALUES ('x', 'dropped_name', '', 'running', %s)",
+            (json.dumps({"contracted": True}),),
+        )
+    with pytest.raises(AbortRefused, match="only goes forward"):
+        await request_abort(dsn, "dropped_name", "too late")
+    with pytest.raises(AbortRefused, match="no migration named"):
+        await request_abort(dsn, "nothing", "typo")
+
+
+async def test_a_stopped_leader_leaves_its_run_to_the_standby_which_finishes_it(
+    dsn: str,
+) -> None:
+    make_users(dsn)
+    applied = trio.Event()
+
+    async def noted(info: MigrationInfo) -> None:
+        applied.set()
+        await trio.sleep_forever()  # never acks APPLY on the first leader
+
+    leading, stop, stopped = trio.Event(), trio.Event(), trio.Event()
+    firsts: list[Service] = []
+
+    async def first_leader() -> None:
+        async with open_service(dsn, **FAST) as first:
+            await first.wait_until_leader()
+            firsts.append(first)
+            leading.set()
+            await stop.wait()
+        stopped.set()  # `first` stopped mid-APPLY: no rollback, the state is durable
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(first_leader)
+            await leading.wait()
+            async with open_service(dsn, **FAST) as standby:
+                async with open_agent(firsts[0].url, agent_id="a1", on_apply=noted):
+                    await submit(dsn, [_migration(contract=True)])
+                    await applied.wait()
+                stop.set()
+                await stopped.wait()
+                assert _rows(dsn)["add_email"][0] == "running"
+                await standby.wait_until_leader()
+                assert standby.epoch() > 0
+                async with open_agent(standby.url, agent_id="a1") as agent:
+                    await _until(lambda: _rows(dsn)["add_email"][0] == "completed")
+                    assert agent.is_applied("add_email")
+    assert "email" in columns(dsn) and "name" not in columns(dsn)  # CONTRACT ran once
