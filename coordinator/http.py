@@ -12,7 +12,7 @@ HTTP/1.1 is h11 (a sans-I/O parser, like wsproto under the agents' WebSockets) d
 The port is reachable by whoever reaches the network, so every client is bounded
 (`HttpLimits`): the size of a request head, its number of headers, the time to send it, the
 time to read the answer, the connections open at once. Anything a client sends gets a status
-(400, 404, 405, 408, 413, 431) or a closed socket, never a traceback. docs/operations.md
+(400, 404, 405, 408, 413, 431, 505) or a closed socket, never a traceback. docs/operations.md
 describes the endpoints, the metrics and how to probe them.
 """
 
@@ -304,6 +304,8 @@ class HttpServer:
 
     async def _answer(self, request: h11.Request) -> tuple[_Answer, bool]:
         """The answer to `request`, and whether to close the connection after it."""
+        if request.http_version not in (b"1.0", b"1.1"):
+            return _text(505, "only HTTP/1.0 and HTTP/1.1"), True
         if len(request.headers) > self.limits.max_headers:
             return _text(431, f"too many headers (limit {self.limits.max_headers})"), True
         has_body = any(

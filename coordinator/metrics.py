@@ -351,6 +351,8 @@ class PostgresMigrationCounts:
         self.dsn = make_conninfo(dsn, connect_timeout=max(1, round(timeout)))
         self.max_age = max_age
         self.timeout = timeout
+        #: Reads actually made (the cache's effect, for tests).
+        self.reads = 0
         self._lock = trio.Lock()
         self._read_at: float | None = None
         self._cached: dict[str, int] = {}
@@ -371,6 +373,7 @@ class PostgresMigrationCounts:
             return dict(self._cached)
 
     async def _read(self) -> dict[str, int]:
+        self.reads += 1
         conn = await pgthread.connect(self.dsn, autocommit=True)
         try:
 
