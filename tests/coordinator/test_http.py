@@ -84,7 +84,9 @@ async def still_serves(http: HttpEndpoint) -> None:
 
 
 # ------------------------------------------------------------------ endpoints
-async def test_healthz_answers_get_and_head(http: HttpEndpoint) -> None:
+async def test_healthz_answers_get_and_head(
+    http: HttpEndpoint, caplog: pytest.LogCaptureFixture
+) -> None:
     reply = await get(http.port, "/healthz")
     assert (reply.status, reply.text) == (200, "ok\n")
     assert reply.headers["content-type"].startswith("text/plain")
@@ -92,6 +94,7 @@ async def test_healthz_answers_get_and_head(http: HttpEndpoint) -> None:
     assert head.status == 200
     assert head.body == b""
     assert head.headers["content-length"] == str(len(reply.body))
+    no_tracebacks(caplog)
 
 
 async def test_a_query_string_does_not_change_the_endpoint(http: HttpEndpoint) -> None:

@@ -91,6 +91,8 @@ async def test_metrics_follow_a_migration_from_start_to_end(dsn: str) -> None:
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(run)
+            # A failed assertion must not leave a1 holding APPLY until the ack timeout.
+            nursery.start_soon(release_at_exit, gate)
             # a1 holds APPLY open: the scrape sees the phase, its cohort and who acked.
             during = await scrape_until(
                 http,
@@ -106,6 +108,8 @@ async def test_metrics_follow_a_migration_from_start_to_end(dsn: str) -> None:
             assert value(during, "lockstep_backfill_rows_total", table="users") == 2
             assert value(during, "lockstep_migrations", status="running") == 1
             gate.set()
+            await until(lambda: bool(result))
+            nursery.cancel_scope.cancel()
         assert result == [MigrationStatus.COMPLETED]
 
         after = await scrape(http.port)
@@ -118,6 +122,13 @@ async def test_metrics_follow_a_migration_from_start_to_end(dsn: str) -> None:
     assert value(after, "lockstep_migrations_finished_total", status="completed") == 1
     assert value(after, "lockstep_migrations", status="completed") == 1
     assert value(after, "lockstep_backfill_rows_total", table="users") == 2
+
+
+async def release_at_exit(gate: trio.Event) -> None:
+    try:
+        await trio.sleep_forever()
+    finally:
+        gate.set()
 
 
 def labels(phase: str) -> dict[str, str]:
