@@ -97,6 +97,12 @@ async def test_healthz_answers_get_and_head(
     no_tracebacks(caplog)
 
 
+async def test_an_http_1_0_request_is_answered_and_closed(http: HttpEndpoint) -> None:
+    raw = await exchange(http.port, b"GET /healthz HTTP/1.0\r\n\r\n", timeout=2)
+    assert status_of(raw) == 200
+    assert raw.endswith(b"\r\n\r\nok\n")
+
+
 async def test_a_query_string_does_not_change_the_endpoint(http: HttpEndpoint) -> None:
     assert (await get(http.port, "/healthz?verbose=1")).status == 200
 

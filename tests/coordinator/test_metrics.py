@@ -28,7 +28,7 @@ from coordinator.pg.attempts import LockRetry, RetryPolicy
 from statemachine import Backfill, Migration, MigrationStatus, Phase
 from statemachine.ledger import AckOutcome
 from tests.support.flow import HookLog, agents, failing, make_users, raw_client, say_hello
-from tests.support.http_client import Samples, scrape, value
+from tests.support.http_client import Samples, get, scrape, value
 
 HANG_GUARD = 30.0
 
@@ -155,6 +155,8 @@ async def test_a_nack_is_counted_and_the_failure_recorded(dsn: str) -> None:
 
 async def test_agents_connected_follows_joins_and_leaves(dsn: str) -> None:
     async with open_coordinator(dsn) as coord, open_http(coord) as http:
+        # Without a readiness object: the only coordinator, its history's database probed.
+        assert (await get(http.port, "/readyz")).text == "ready: leader, epoch 0\n"
         assert value(await scrape(http.port), "lockstep_agents_connected") == 0
         async with open_agent(coord.url, agent_id="solo"):
             await coord.wait_for_agents(1, timeout=5)
