@@ -190,7 +190,11 @@ class Coordinator:
         migration = run.migration
         self._active = run
         try:
-            result = await run.run(rollback_on_cancel=rollback_on_cancel)
+            with unwrap_single_group():
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._write_progress, run)
+                    result = await run.run(rollback_on_cancel=rollback_on_cancel)
+                    nursery.cancel_scope.cancel()
         finally:
             self._active = None
             final = run.result()
@@ -201,6 +205,22 @@ class Coordinator:
             self._applied.append(migration.name)
         self.events.emit(MigrationFinished(migration.name, result.status, result.reason))
         return result
+
+    async def _write_progress(self, run: MigrationRun) -> None:
+        """Keep the run's live progress in the database, at most once a second (for
+        ``lockstep status`` on any machine). Best effort: a failed write is retried later."""
+        written = -1
+        while True:
+            await trio.sleep(1.0)
+            if run.progress_version == written:
+                continue
+            version = run.progress_version
+            try:
+                await self.history.save_progress(run.migration, run.progress())
+            except Exception as exc:  # progress is informational: never a reason to stop
+                log.debug("%s: progress not written: %s", run.migration.name, exc)
+                continue
+            written = version
 
     # -------------------------------------------------------------- resuming
     def adopt(self, runs: Sequence[UnfinishedRun]) -> None:

@@ -145,6 +145,10 @@ class History(Protocol):
 
     async def record_finish(self, migration: Migration, result: MigrationResult) -> None: ...
 
+    async def save_progress(self, migration: Migration, progress: dict[str, object]) -> None:
+        """Best-effort live progress for `lockstep status` (never needed to resume)."""
+        ...
+
     def migration_lock(self) -> contextlib.AbstractAsyncContextManager[None]: ...
 
     @property
@@ -202,6 +206,9 @@ class InMemoryHistory:
 
     async def record_finish(self, migration: Migration, result: MigrationResult) -> None:
         self.rows[migration.id] = (migration, result)
+
+    async def save_progress(self, migration: Migration, progress: dict[str, object]) -> None:
+        await trio.lowlevel.checkpoint()
 
     @contextlib.asynccontextmanager
     async def migration_lock(self) -> AsyncIterator[None]:
@@ -359,6 +366,13 @@ class PostgresHistory:
                 "id": migration.id,
                 "epoch": self.epoch,
             },
+        )
+
+    async def save_progress(self, migration: Migration, progress: dict[str, object]) -> None:
+        await self._run(
+            "UPDATE lockstep.migrations SET progress = %(progress)s "
+            f"WHERE id = %(id)s AND status = 'running' AND {_FENCE}",
+            {"progress": json.dumps(progress), "id": migration.id, "epoch": self.epoch},
         )
 
     async def rows(self, limit: int = 50) -> list[HistoryRow]:

@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
+
+import trio
 
 from coordinator.history import checksum
 from coordinator.pg import thread as pgthread
@@ -189,6 +191,57 @@ async def abort_requested(dsn: str, migration_id: str) -> str | None:
     return str(rows[0][0]) if rows and rows[0][0] is not None else None
 
 
+#: Row statuses after which nothing more happens to a run.
+FINAL_STATUSES = frozenset({"completed", "failed", "rejected", "cancelled", "interrupted"})
+
+
+@dataclasses.dataclass(frozen=True)
+class RunState:
+    """One submitted run as `watch` sees it: its row status and, while running, its state."""
+
+    id: str
+    name: str
+    status: str
+    state: str | None
+    reason: str | None
+
+    @property
+    def final(self) -> bool:
+        return self.status in FINAL_STATUSES
+
+
+async def watch(
+    dsn: str,
+    ids: Sequence[str],
+    *,
+    on_change: Callable[[RunState], None] | None = None,
+    poll_interval: float = 0.5,
+) -> list[RunState]:
+    """Follow the runs `ids` until each reached a final status; returns their last states.
+
+    `on_change` is called with each change of status or state, in the order seen (the
+    Python way to follow a submitted migration live, as ``lockstep submit --wait`` does).
+    Read-only; it polls, because a watcher must not depend on a coordinator being up.
+    """
+    seen: dict[str, RunState] = {}
+    while True:
+        rows, _ = await pgthread.query(
+            dsn,
+            "SELECT id, name, status, checkpoint->>'state', reason FROM lockstep.migrations "
+            "WHERE id = ANY(%s)",
+            (list(ids),),
+        )
+        for row in rows:
+            state = RunState(*(None if v is None else str(v) for v in row))  # type: ignore[arg-type]
+            if seen.get(state.id) != state:
+                seen[state.id] = state
+                if on_change is not None:
+                    on_change(state)
+        if len(seen) == len(set(ids)) and all(s.final for s in seen.values()):
+            return [seen[i] for i in ids]
+        await trio.sleep(poll_interval)
+
+
 async def mark_not_run(dsn: str, migration_id: str, status: str, reason: str, epoch: int) -> None:
     """Close a queued row the leader will not run (``rejected`` or ``cancelled``), fenced by
     the leader's `epoch` like every write of run state."""
@@ -203,9 +256,11 @@ async def mark_not_run(dsn: str, migration_id: str, status: str, reason: str, ep
 
 __all__ = [
     "CHANNEL",
+    "FINAL_STATUSES",
     "AbortRefused",
     "AbortRequest",
     "QueuedMigration",
+    "RunState",
     "Submission",
     "SubmitRefused",
     "abort_requested",
@@ -213,4 +268,5 @@ __all__ = [
     "next_queued",
     "request_abort",
     "submit",
+    "watch",
 ]

@@ -20,11 +20,19 @@ from collections.abc import Sequence
 import psycopg
 import trio
 
-from coordinator.backfill import BackfillFailed
-from coordinator.events import AnswerReceived, EventBus, PhaseStarted, Reporter, SqlProgress
+from coordinator.backfill import BackfillFailed, BackfillProgress
+from coordinator.events import (
+    AnswerReceived,
+    Event,
+    EventBus,
+    PhaseStarted,
+    Reporter,
+    SqlProgress,
+)
 from coordinator.executor import Executor, ReportingExecutor
 from coordinator.fleet import Fleet
 from coordinator.history import GroupJournal, History
+from coordinator.pg.attempts import LockRetry
 from coordinator.pg.errors import SqlFailure, pg_message
 from statemachine.checkpoint import Checkpoint
 from statemachine.gate import rollback_note
@@ -79,7 +87,13 @@ class MigrationRun:
         self.backfills: list[BackfillStats] = []
         #: Warnings known before the run (lint).
         self.warnings: list[str] = list(warnings)
-        self.report = Reporter(migration.name, events.emit)
+        self.report = Reporter(migration.name, self._reported)
+        #: What `lockstep status` shows of the SQL work beyond the checkpoint: lock retries,
+        #: backfill totals per table and the last progress message (`progress`).
+        self.lock_retries = 0
+        self.backfilled: dict[str, dict[str, int]] = {}
+        self.last_message = ""
+        self.progress_version = 0
         self._changed = trio.Event()
         #: An operator's abort request (``lockstep abort``), applied at the next safe point.
         self.abort_reason: str | None = None
@@ -122,6 +136,25 @@ class MigrationRun:
     def _wake(self) -> None:
         self._changed.set()
 
+    def _reported(self, event: Event) -> None:
+        if isinstance(event, LockRetry):
+            self.lock_retries += 1
+        if isinstance(event, BackfillProgress):
+            self.backfilled[event.table] = {"rows": event.rows, "batches": event.batches}
+        if isinstance(event, SqlProgress):
+            self.last_message = event.message
+        self.progress_version += 1
+        self.events.emit(event)
+
+    def progress(self) -> dict[str, object]:
+        """The run's live progress as JSON-able data (see `History.save_progress`)."""
+        return {
+            "lock_retries": self.lock_retries,
+            "backfills": self.backfilled,
+            "message": self.last_message,
+            "abort_requested": self.abort_reason,
+        }
+
     def abort(self, reason: str) -> None:
         """Roll the migration back at its next safe point, as an operator asked.
 
@@ -133,6 +166,7 @@ class MigrationRun:
         """
         if self.abort_reason is None:
             self.abort_reason = reason
+            self.progress_version += 1
             self._wake()
 
     def _abort_now(self) -> bool:

@@ -22,6 +22,7 @@ durable where it was, and the next leader (a standby, or this service restarted)
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import ssl
 from collections.abc import AsyncIterator
@@ -33,6 +34,7 @@ import trio
 from coordinator.core import CLOSE_NOT_LEADER, Coordinator
 from coordinator.executor import PostgresExecutor
 from coordinator.history import PostgresHistory
+from coordinator.http import PostgresProbe, serve_http
 from coordinator.leader import Leadership, LeadershipLost, default_holder, open_leadership
 from coordinator.pg.attempts import DEFAULT_STATEMENT_TIMEOUT, RetryPolicy
 from coordinator.pg.errors import pg_message
@@ -77,6 +79,9 @@ class Service:
         self.probe_timeout = probe_timeout
         self.leadership: Leadership | None = None
         self.terms = 0
+        #: Where /healthz, /readyz and /metrics are served (None: not served).
+        self.http_port: int | None = None
+        self._probe = PostgresProbe(dsn)
         self._queue_changed = trio.Event()
         self._abort_changed = trio.Event()
         self._leading = trio.Event()
@@ -90,6 +95,9 @@ class Service:
 
     def leader_description(self) -> str:
         return self.holder if self.is_leader() else STANDBY
+
+    async def database_reachable(self) -> tuple[bool, str]:
+        return await self._probe.database_reachable()
 
     async def wait_until_leader(self) -> None:
         await self._leading.wait()
@@ -201,13 +209,17 @@ async def open_service(
     leader_poll_interval: float = 0.5,
     probe_interval: float = 1.0,
     probe_timeout: float = 3.0,
+    http_host: str = "127.0.0.1",
+    http_port: int | None = None,
     **coordinator_options: Any,
 ) -> AsyncIterator[Service]:
     """Run a `Service` on `dsn`, listening for agents on `host:port`, until the body ends.
 
     Leaving the body (or cancelling it) stops the service without rolling anything back
-    (module docstring). `coordinator_options` go to `Coordinator` (token, shared_token,
-    heartbeat_interval, handshake_timeout, limits).
+    (module docstring). With `http_port` (0: any free port) it also serves ``/healthz``,
+    ``/readyz`` (200 only while leading with the database reachable) and ``/metrics``
+    (`coordinator.http`) on `http_host`. `coordinator_options` go to `Coordinator` (token,
+    shared_token, heartbeat_interval, handshake_timeout, limits).
     """
     history = PostgresHistory(dsn)
     await history.ensure_schema()
@@ -242,6 +254,12 @@ async def open_service(
                 probe_interval=probe_interval,
                 probe_timeout=probe_timeout,
             )
+            if http_port is not None:
+                service.http_port = await nursery.start(
+                    functools.partial(
+                        serve_http, coordinator, http_host, http_port, readiness=service
+                    )
+                )
             nursery.start_soon(service.run)
             try:
                 yield service

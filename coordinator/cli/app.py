@@ -18,6 +18,7 @@ from types import FrameType, ModuleType
 from coordinator.cli import config
 from coordinator.cli.commands import (
     CommandError,
+    abort,
     agent_token,
     apply,
     check_db,
@@ -25,8 +26,10 @@ from coordinator.cli.commands import (
     diagram,
     lint,
     plan,
+    serve,
     status,
     stderr_console,
+    submit,
     validate,
 )
 from coordinator.cli.output import safe
@@ -42,6 +45,9 @@ COMMANDS: list[ModuleType] = [
     plan,
     lint,
     apply,
+    serve,
+    submit,
+    abort,
     validate,
     agent_token,
 ]

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +22,7 @@ import trio
 
 from agent import MigrationInfo, open_agent
 from tests.support.flow import columns, history, make_users
+from tests.support.processes import free_port, listening
 
 MIGRATION = """\
 -- lockstep:sql
@@ -32,25 +32,6 @@ ALTER TABLE users DROP COLUMN name;
 -- lockstep:rollback
 ALTER TABLE users DROP COLUMN IF EXISTS email;
 """
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-async def _listening(port: int, timeout: float = 30) -> None:
-    """Wait until the coordinator process accepts connections on `port`."""
-    with trio.fail_after(timeout):
-        while True:
-            try:
-                stream = await trio.open_tcp_stream("127.0.0.1", port)
-            except OSError:
-                await trio.sleep(0.05)
-                continue
-            await stream.aclose()
-            return
 
 
 def _apply(dsn: str, path: Path, port: int) -> subprocess.Popen[str]:
@@ -87,7 +68,7 @@ async def test_sigkill_in_a_phase_then_restart_completes(
     make_users(dsn)
     path = tmp_path / "001_add_email.sql"
     path.write_text(MIGRATION)
-    port = _free_port()
+    port = free_port()
     in_phase, killed = trio.Event(), trio.Event()
     calls: list[tuple[str, bool]] = []
 
@@ -104,7 +85,7 @@ async def test_sigkill_in_a_phase_then_restart_completes(
     second: subprocess.Popen[str] | None = None
     try:
         with trio.fail_after(60):
-            await _listening(port)
+            await listening(port)
             async with open_agent(
                 f"ws://127.0.0.1:{port}",
                 agent_id="app-1",

@@ -15,31 +15,21 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import ssl
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import psycopg
 import trio
-from rich.console import Console
 
-from coordinator.cli import config, options
+from coordinator.cli import config, options, serving
 from coordinator.cli.commands import CommandError, stderr_console
 from coordinator.cli.commands.lint import lint_file, print_findings
 from coordinator.cli.embedded import configured_dsn
 from coordinator.cli.files import MigrationFile, MigrationLoadError, load_paths
 from coordinator.cli.output import Output, safe
 from coordinator.cli.progress import LiveProgress
+from coordinator.cli.results import EventPrinter, print_result, result_json
 from coordinator.core import Coordinator, open_coordinator
-from coordinator.events import (
-    AgentJoined,
-    AgentLeft,
-    AnswerReceived,
-    Event,
-    PhaseStarted,
-    SqlProgress,
-)
-from coordinator.pg.attempts import DEFAULT_STATEMENT_TIMEOUT, LockRetry, RetryPolicy
 from statemachine.exceptions import AlreadyApplied
 from statemachine.gate import MigrationRejected
 from statemachine.phases import MigrationStatus
@@ -67,43 +57,11 @@ def register(subparsers: Subparsers) -> None:
     )
     options.add_database(parser)
     options.add_output(parser)
-    parser.add_argument("--host", default="127.0.0.1", help="address agents connect to")
-    parser.add_argument(
-        "--port", type=options.port, default=8765, help="port agents connect to (0: any free)"
-    )
-    options.add_token(parser)
-    parser.add_argument(
-        "--shared-token",
-        action="store_true",
-        help="also accept the plain fleet secret as a token (default: per-agent credentials "
-        "from 'lockstep agent-token' only)",
-    )
-    parser.add_argument(
-        "--insecure",
-        action="store_true",
-        help="allow serving without a token on a non-loopback address (anyone reaching the "
-        "port could veto or stall migrations)",
-    )
+    serving.add_serving(parser)
     parser.add_argument(
         "--allow-no-agents",
         action="store_true",
         help="with --wait-agents 0, run even if no agent is connected",
-    )
-    parser.add_argument(
-        "--tls-cert",
-        type=Path,
-        default=None,
-        metavar="PEM",
-        help="serve agents over TLS (wss://) with this certificate chain; needs --tls-key",
-    )
-    parser.add_argument(
-        "--tls-key", type=Path, default=None, metavar="PEM", help="the certificate's private key"
-    )
-    parser.add_argument(
-        "--ack-timeout",
-        type=options.positive,
-        default=30.0,
-        help="seconds agents have to ack a phase",
     )
     parser.add_argument(
         "--wait-agents", type=options.count, default=0, metavar="N", help="agents to wait for first"
@@ -115,99 +73,8 @@ def register(subparsers: Subparsers) -> None:
         help="give up waiting for agents after this many seconds (default: wait forever)",
     )
     parser.add_argument("--force", action="store_true", help="run despite lint errors")
-    parser.add_argument(
-        "--lock-timeout",
-        type=options.positive,
-        default=0.5,
-        help="seconds a statement waits for a lock",
-    )
-    parser.add_argument(
-        "--statement-timeout",
-        type=options.positive,
-        default=DEFAULT_STATEMENT_TIMEOUT,
-        help="seconds a statement inside a phase transaction may run",
-    )
-    defaults = RetryPolicy()
-    parser.add_argument(
-        "--lock-retries",
-        type=options.at_least_one,
-        default=defaults.max_attempts,
-        help="attempts per statement group when its lock is not granted",
-    )
-    parser.add_argument(
-        "--lock-retry-seconds",
-        type=options.non_negative,
-        default=defaults.max_seconds,
-        help="seconds after which no new attempt starts",
-    )
+    serving.add_sql_limits(parser)
     parser.set_defaults(func=run)
-
-
-class _Printer:
-    """Prints the coordinator's events as they happen, one line each (timestamped when piped).
-
-    Every value an agent or the database supplied goes through `safe`: NACK text with
-    ``ESC[2J`` or ``[/]`` is shown as data.
-    """
-
-    def __init__(self, out: Output) -> None:
-        self.out = out
-
-    def __call__(self, event: Event) -> None:
-        out = self.out
-        if isinstance(event, AgentJoined):
-            out.detail(f"[dim]agent {safe(event.agent_id)} joined from {safe(event.remote)}[/]")
-        elif isinstance(event, AgentLeft):
-            out.event(f"[dim]agent {safe(event.agent_id)} left: {safe(event.reason)}[/]")
-        elif isinstance(event, PhaseStarted):
-            cohort = ", ".join(event.cohort) or "no agents"
-            out.event(
-                f"[bold]{event.phase.name}[/] {safe(event.migration)} [dim]({safe(cohort)})[/]"
-            )
-        elif isinstance(event, AnswerReceived):
-            if event.ok:
-                out.detail(f"  {safe(event.agent_id)}: ack")
-            else:
-                out.event(f"  {safe(event.agent_id)}: [red]nack[/]: {safe(event.error or '')}")
-        elif isinstance(event, LockRetry):
-            out.event(f"  [yellow]{safe(event.message)}[/]")
-        elif isinstance(event, SqlProgress):
-            out.detail(f"  [dim]{safe(event.message)}[/]")
-
-
-def print_result(out: Output, result: MigrationResult) -> None:
-    seconds = sum(p.duration for p in result.phases)
-    path = " -> ".join(result.phase_names)
-    if result.status is MigrationStatus.COMPLETED:
-        out.event(f"[bold green]completed[/] {safe(result.name)} in {seconds:.1f} s ({path})")
-    else:
-        restored = {True: "restored", False: "LEFT EXPANDED", None: "untouched"}
-        out.event(f"[bold red]failed[/] {safe(result.name)} ({path}): {safe(result.reason or '')}")
-        out.event(f"  schema: {restored[result.schema_restored]}")
-    if result.lock_retries:
-        out.event(f"  lock retries: {result.lock_retries}")
-    for b in result.backfills:
-        state = "" if b.complete else " [red](stopped)[/]"
-        out.event(
-            f"  backfill {safe(b.table)}: {b.rows} rows in {b.batches} batches "
-            f"({b.seconds:.1f} s){state}"
-        )
-    for warning in result.warnings:
-        out.event(f"  [yellow]warning:[/] {safe(warning)}")
-
-
-def result_json(result: MigrationResult) -> dict[str, Any]:
-    return {
-        "name": result.name,
-        "status": result.status.value,
-        "reason": result.reason,
-        "schema_restored": result.schema_restored,
-        "phases": [
-            {"phase": p.phase.name.lower(), "duration": round(p.duration, 6)} for p in result.phases
-        ],
-        "lock_retries": result.lock_retries,
-        "warnings": list(result.warnings),
-    }
 
 
 @dataclasses.dataclass
@@ -236,7 +103,7 @@ async def _serve_and_run(
     report: _Report,
     progress: LiveProgress,
 ) -> _Report:
-    retry = RetryPolicy(max_attempts=args.lock_retries, max_seconds=args.lock_retry_seconds)
+    retry = serving.retry_policy(args)
     async with open_coordinator(
         dsn,
         host=args.host,
@@ -249,7 +116,7 @@ async def _serve_and_run(
         shared_token=args.shared_token,
         ssl_context=args.ssl_context,
     ) as coordinator:
-        coordinator.subscribe(_Printer(out))
+        coordinator.subscribe(EventPrinter(out))
         coordinator.subscribe(progress)
         report.url = coordinator.url
         out.event(f"coordinator listening on {safe(coordinator.url)}")
@@ -306,34 +173,6 @@ async def _run_all(
     out.event(f"[green]done[/]: {report.applied} applied, {len(report.skipped)} already completed")
 
 
-def _server_tls(cert: Path | None, key: Path | None) -> ssl.SSLContext | None:
-    """The server context for --tls-cert/--tls-key, or None for plain ws://."""
-    if cert is None and key is None:
-        return None
-    if cert is None or key is None:
-        raise CommandError("--tls-cert and --tls-key go together")
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    try:
-        context.load_cert_chain(cert, key)
-    except (OSError, ssl.SSLError) as exc:
-        raise CommandError(f"cannot load the TLS certificate {cert} / key {key}: {exc}") from exc
-    return context
-
-
-def _check_exposure(args: argparse.Namespace, err: Console) -> None:
-    """No unauthenticated coordinator on a reachable address without an explicit --insecure."""
-    if args.fleet_secret is not None or options.is_loopback(args.host):
-        return
-    if not args.insecure:
-        raise config.ConfigError(
-            f"serving on {args.host} without a token lets anyone who reaches the port veto or "
-            "stall every migration: set LOCKSTEP_TOKEN or --token-file, or pass --insecure"
-        )
-    err.print(
-        f"[yellow]warning:[/] serving on {safe(args.host)} without authentication (--insecure)"
-    )
-
-
 def run(args: argparse.Namespace) -> int:
     if args.wait_agents == 0 and not args.allow_no_agents:
         raise config.ConfigError(
@@ -341,7 +180,7 @@ def run(args: argparse.Namespace) -> int:
             "--allow-no-agents to run with whoever is connected (possibly nobody)"
         )
     args.fleet_secret = options.token(args)
-    _check_exposure(args, stderr_console())
+    serving.check_exposure(args, stderr_console())
     dsn = configured_dsn(args.dsn)
     if dsn is None:
         raise CommandError("apply needs a database: pass --dsn or set LOCKSTEP_DSN")
@@ -350,7 +189,7 @@ def run(args: argparse.Namespace) -> int:
         files = load_paths(args.paths)
     except MigrationLoadError as exc:
         raise CommandError(str(exc)) from exc
-    args.ssl_context = _server_tls(args.tls_cert, args.tls_key)
+    args.ssl_context = serving.server_tls(args.tls_cert, args.tls_key)
     out = Output(json_mode=args.json, verbosity=options.verbosity(args))
     try:
         report = trio.run(_apply, args, dsn, files, out)
