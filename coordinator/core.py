@@ -14,6 +14,7 @@ import ssl
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
+import psycopg
 import trio
 from trio_websocket import WebSocketConnection, WebSocketRequest
 
@@ -31,6 +32,7 @@ from coordinator.history import (
 )
 from coordinator.pg.attempts import DEFAULT_STATEMENT_TIMEOUT, RetryPolicy
 from coordinator.pg.catalog import load_catalog
+from coordinator.pg.errors import DatabaseFailed, pg_message
 from coordinator.runner import MigrationRun
 from coordinator.server import serve_bounded
 from statemachine.checkpoint import Checkpoint, restore
@@ -145,6 +147,17 @@ class Coordinator:
         (`MigrationRejected`, `AlreadyApplied` when the name already completed here) and
         `Deposed` when another coordinator took over mid-run (it finishes the migration).
         """
+        try:
+            return await self._run_migration(migration, force, rollback_on_cancel)
+        except psycopg.Error as exc:
+            raise DatabaseFailed(
+                f"migration {migration.name!r}: lockstep's state in the database could not be "
+                f"read or written: {pg_message(exc)}"
+            ) from exc
+
+    async def _run_migration(
+        self, migration: Migration, force: bool, rollback_on_cancel: bool
+    ) -> MigrationResult:
         resumed = await self._wait_for_resumption(migration)
         if resumed is not None:
             return resumed

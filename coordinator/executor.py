@@ -248,9 +248,12 @@ class PostgresExecutor:
                 return await self.session.transaction_attempt(group.statements, execute_all)
             return await self._autocommit_attempt(group.statements[0], mark)
 
+        async def committed() -> bool:
+            return journal is not None and await journal.recorded(phase, index)
+
         try:
             await self.session.with_lock_retries(
-                phase, label, group.statements, attempt, record, report, index
+                phase, label, group.statements, attempt, record, report, index, committed=committed
             )
         except SqlFailure as exc:
             raise exc.with_attempts(attempts) from exc

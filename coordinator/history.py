@@ -170,6 +170,11 @@ class GroupJournal(Protocol):
 
     def mark(self, conn: psycopg.Connection[Any], phase: Phase, group: int) -> None: ...
 
+    async def recorded(self, phase: Phase, group: int) -> bool:
+        """Read back from the database whether the group committed (asked after a
+        connection was lost mid-group: its COMMIT may or may not have happened)."""
+        ...
+
 
 class InMemoryHistory:
     """History for tests and embedding without a database of record (nothing survives the
@@ -219,10 +224,30 @@ class InMemoryHistory:
 class PostgresJournal:
     """`GroupJournal` kept in the run's row (`journal`, a JSON list of ``"phase:group"``)."""
 
-    def __init__(self, migration_id: str, epoch: int, committed: set[tuple[Phase, int]]) -> None:
+    def __init__(
+        self,
+        migration_id: str,
+        epoch: int,
+        committed: set[tuple[Phase, int]],
+        dsn: str | None = None,
+    ) -> None:
         self.migration_id = migration_id
         self.epoch = epoch
         self.committed = committed
+        self.dsn = dsn
+
+    async def recorded(self, phase: Phase, group: int) -> bool:
+        if self.dsn is None:
+            return False
+        rows, _ = await pgthread.query(
+            self.dsn,
+            "SELECT journal @> %s::jsonb FROM lockstep.migrations WHERE id = %s",
+            (json.dumps([f"{phase.value}:{group}"]), self.migration_id),
+        )
+        found = bool(rows and rows[0][0])
+        if found:
+            self.committed.add((phase, group))
+        return found
 
     def mark(self, conn: psycopg.Connection[Any], phase: Phase, group: int) -> None:
         entry = json.dumps([f"{phase.value}:{group}"])
@@ -341,7 +366,7 @@ class PostgresHistory:
             )
 
     def journal(self, migration: Migration) -> GroupJournal | None:
-        return PostgresJournal(migration.id, self.epoch, set())
+        return PostgresJournal(migration.id, self.epoch, set(), self.dsn)
 
     async def journal_of(self, migration: Migration) -> set[tuple[Phase, int]]:
         rows = await self._run(

@@ -23,7 +23,7 @@ import trio
 
 from coordinator.events import Reporter, SqlProgress
 from coordinator.pg import thread as pgthread
-from coordinator.pg.errors import SqlFailure, pg_message
+from coordinator.pg.errors import SqlFailure, is_connection_failure, pg_message
 from coordinator.pg.locks import (
     LOCK_NOT_AVAILABLE,
     BlockerWatch,
@@ -50,6 +50,27 @@ class LockRetry(SqlProgress):
     attempt: int
     delay: float
     blockers: tuple[BlockingSession, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class DatabaseUnreachable(SqlProgress):
+    """An attempt lost its connection (or could not connect); it runs again after `delay`."""
+
+    group: int
+    delay: float
+
+
+async def _answer(question: Callable[[], Awaitable[bool]]) -> bool:
+    """Ask `question` of the database, waiting while it is unreachable."""
+    delay = 0.25
+    while True:
+        try:
+            return await question()
+        except psycopg.OperationalError as exc:
+            if not is_connection_failure(exc):
+                raise
+            await trio.sleep(delay)
+            delay = min(delay * 2, 5.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,23 +171,46 @@ class LockSafeSession:
         record: RecordAttempt,
         report: Reporter,
         group: int = 0,
+        *,
+        committed: Callable[[], Awaitable[bool]] | None = None,
     ) -> T | None:
         """Run `attempt` until it succeeds, fails otherwise, or the lock retry budget is spent.
 
         `record` is called once per attempt. Raises `SqlFailure`; lock failures name the
-        blocking sessions.
+        blocking sessions. An attempt that failed because the connection or the database
+        went away is retried once it answers again, for as long as it takes (cancellable):
+        before that retry `committed()` (the journal, read back) says whether the attempt
+        committed after all, since a connection lost during COMMIT leaves that unknown.
         """
         started = time.monotonic()
         number = 0
+        outage = 0
         while True:
             number += 1
             t0 = time.monotonic()
-            outcome = await attempt()
+            try:
+                outcome = await attempt()
+            except psycopg.OperationalError as exc:  # could not even connect
+                if not is_connection_failure(exc):
+                    raise SqlFailure(
+                        statements[0] if statements else None, pg_message(exc)
+                    ) from exc
+                outcome = AttemptOutcome(error=exc, statement=statements[0] if statements else None)
             seconds = time.monotonic() - t0
             error = outcome.error
             if error is None:
                 record(number, True, seconds, None, outcome.note)
                 return outcome.value
+            if is_connection_failure(error):
+                outage += 1
+                record(number, False, seconds, pg_message(error), "database unreachable")
+                await self._wait_for_database(phase, label, error, outage, report, group)
+                if committed is not None and await _answer(committed):
+                    report.say(phase, f"{label}: committed before the connection was lost")
+                    return None
+                number -= 1  # an outage is not a lock attempt: it spends no retry budget
+                continue
+            outage = 0
             if error.sqlstate != LOCK_NOT_AVAILABLE:
                 message = pg_message(error) + (f"; {outcome.note}" if outcome.note else "")
                 record(number, False, seconds, pg_message(error), outcome.note)
@@ -203,6 +247,29 @@ class LockSafeSession:
                 logging.WARNING,
             )
             await trio.sleep(delay)
+
+    async def _wait_for_database(
+        self,
+        phase: Phase,
+        label: str,
+        error: psycopg.Error,
+        outage: int,
+        report: Reporter,
+        group: int,
+    ) -> None:
+        delay = min(0.25 * 2 ** (outage - 1), 5.0)
+        report.event(
+            DatabaseUnreachable(
+                report.migration,
+                phase,
+                f"{label}: the database connection failed ({pg_message(error)}); "
+                f"retrying in {delay:.2f} s",
+                group=group,
+                delay=delay,
+            ),
+            logging.WARNING,
+        )
+        await trio.sleep(delay)
 
     def set_timeouts(
         self, conn: psycopg.Connection[Any], statement_timeout: float | None, *, local: bool
@@ -274,6 +341,7 @@ __all__ = [
     "DEFAULT_LOCK_TIMEOUT",
     "DEFAULT_STATEMENT_TIMEOUT",
     "AttemptOutcome",
+    "DatabaseUnreachable",
     "LockRetry",
     "LockSafeSession",
     "RecordAttempt",

@@ -35,6 +35,29 @@ def pg_message(exc: psycopg.Error) -> str:
     return "; ".join(line for line in lines if line) or type(exc).__name__
 
 
+#: SQLSTATEs that mean "the session went away", not "the statement is wrong": the server
+#: terminated it (57P01, pg_terminate_backend or a fast shutdown), crashed (57P02), is
+#: starting (57P03), or the connection failed (class 08).
+_CONNECTION_LOST = frozenset({"57P01", "57P02", "57P03"})
+
+
+def is_connection_failure(exc: BaseException) -> bool:
+    """True for an error that says nothing about the SQL: the database or the network
+    failed. Such an attempt is retried once the database answers again, never rolled back
+    (rolling back needs the database as much as going forward does)."""
+    if not isinstance(exc, psycopg.OperationalError):
+        return False
+    state = exc.sqlstate
+    return state is None or state.startswith("08") or state in _CONNECTION_LOST
+
+
+class DatabaseFailed(LockstepError):
+    """Raised by `Coordinator.run_migration` when lockstep's own bookkeeping in the database
+    (history, checkpoints) failed with an error that waiting does not fix (permissions, a
+    dropped schema, or the database unreachable before the run started). The run stopped
+    where its durable state says; the next coordinator resumes it from there."""
+
+
 class SqlFailure(LockstepError):
     """Raised by an executor when a phase's SQL failed; the failing group was rolled back (or
     dropped what it left), so the runner can decide what ROLLBACK must undo.
@@ -78,4 +101,4 @@ class SqlFailure(LockstepError):
         )
 
 
-__all__ = ["SqlFailure", "pg_message"]
+__all__ = ["DatabaseFailed", "SqlFailure", "is_connection_failure", "pg_message"]
