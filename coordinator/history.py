@@ -76,7 +76,8 @@ CREATE TABLE IF NOT EXISTS lockstep.leader (
 INSERT INTO lockstep.leader (id, epoch) VALUES (1, 0) ON CONFLICT (id) DO NOTHING;
 -- version 3: the durable queue (`lockstep submit`), abort requests, live progress, and the
 -- leader's backend pid (so `lockstep status` can tell a live leader from a stale row).
-ALTER TABLE lockstep.leader ADD COLUMN IF NOT EXISTS backend_pid int;
+ALTER TABLE lockstep.leader ADD COLUMN IF NOT EXISTS backend_pid int,
+    ADD COLUMN IF NOT EXISTS takes_queue boolean NOT NULL DEFAULT false;
 ALTER TABLE lockstep.migrations
     ADD COLUMN IF NOT EXISTS submitted_at timestamptz,
     ADD COLUMN IF NOT EXISTS force boolean NOT NULL DEFAULT false,
@@ -87,8 +88,10 @@ DELETE FROM lockstep.schema_version;
 INSERT INTO lockstep.schema_version (version) VALUES ({version});
 """
 
-#: Fences a write: true only while `epoch` is still the leader's.
-_FENCE = "%(epoch)s = (SELECT epoch FROM lockstep.leader WHERE id = 1)"
+#: Fences a write: true only while `epoch` is still the leader's. FOR SHARE holds the leader
+#: row until the write's transaction ends, so a successor's epoch bump waits for it: the
+#: successor then reads a journal that includes it, and no commit lands after its read.
+_FENCE = "%(epoch)s = (SELECT epoch FROM lockstep.leader WHERE id = 1 FOR SHARE)"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -79,7 +79,7 @@ class Leadership:
         return self.lost_reason is None
 
 
-async def _try_take(conn: psycopg.Connection[Any], holder: str) -> int | None:
+async def _try_take(conn: psycopg.Connection[Any], holder: str, takes_queue: bool) -> int | None:
     """Take the lock and a new epoch if the lock is free; None if another session holds it."""
 
     def work() -> int | None:
@@ -88,8 +88,8 @@ async def _try_take(conn: psycopg.Connection[Any], holder: str) -> int | None:
             return None
         taken = conn.execute(
             "UPDATE lockstep.leader SET epoch = epoch + 1, holder = %s, since = now(), "
-            "backend_pid = pg_backend_pid() WHERE id = 1 RETURNING epoch",
-            (holder,),
+            "backend_pid = pg_backend_pid(), takes_queue = %s WHERE id = 1 RETURNING epoch",
+            (holder, takes_queue),
         ).fetchone()
         assert taken is not None
         return int(taken[0])
@@ -165,13 +165,16 @@ async def open_leadership(
     poll_interval: float = 0.5,
     probe_interval: float = 1.0,
     probe_timeout: float = 3.0,
+    takes_queue: bool = False,
 ) -> AsyncIterator[Leadership]:
     """Wait to become the leader of the database at `dsn`, then hold it while the body runs.
 
     Waits (as a standby) while another session holds the lock, polling every
     `poll_interval` s. Inside the body the leadership is probed continually; when a probe
     fails the body is cancelled and `LeadershipLost` raised. Leaving the body releases the
-    lock (closing the session), so the next standby takes over.
+    lock (closing the session), so the next standby takes over. `takes_queue` records that
+    this leader runs submitted migrations (``lockstep serve``; ``lockstep apply`` runs only
+    its own files), so an apply that finds it leading submits to it instead of waiting.
     """
     holder = holder or default_holder()
     conn: psycopg.Connection[Any] | None = None
@@ -181,7 +184,7 @@ async def open_leadership(
             try:
                 if conn is None:
                     conn = await _connect_lock_session(dsn)
-                epoch = await _try_take(conn, holder)
+                epoch = await _try_take(conn, holder, takes_queue)
             except psycopg.OperationalError as exc:
                 # The database is a dependency that fails: wait for it, as a standby would.
                 log.warning(

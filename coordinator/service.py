@@ -114,6 +114,7 @@ class Service:
                     poll_interval=self.leader_poll_interval,
                     probe_interval=self.probe_interval,
                     probe_timeout=self.probe_timeout,
+                    takes_queue=True,
                 ) as leadership:
                     await self._term(leadership)
             except LeadershipLost as exc:

@@ -28,6 +28,8 @@ class LeaderInfo:
     epoch: int
     since: datetime.datetime | None
     alive: bool
+    #: The leader runs submitted migrations (``lockstep serve``), not only its own files.
+    takes_queue: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,7 +115,7 @@ async def read_snapshot(dsn: str, limit: int = 50) -> Snapshot:
 
 def _read(conn: psycopg.Connection[Any], limit: int) -> Snapshot:
     leader_row = conn.execute(
-        "SELECT holder, epoch, since, backend_pid, EXISTS (SELECT 1 FROM pg_locks "
+        "SELECT holder, epoch, since, takes_queue, EXISTS (SELECT 1 FROM pg_locks "
         "WHERE locktype = 'advisory' AND granted "
         "AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) "
         "AND ((classid::bigint << 32) | objid::bigint) = %s) "
@@ -122,8 +124,8 @@ def _read(conn: psycopg.Connection[Any], limit: int) -> Snapshot:
     ).fetchone()
     leader = None
     if leader_row is not None and (leader_row[1] or leader_row[4]):
-        holder, epoch, since, _pid, alive = leader_row
-        leader = LeaderInfo(holder, int(epoch), since, bool(alive))
+        holder, epoch, since, takes_queue, alive = leader_row
+        leader = LeaderInfo(holder, int(epoch), since, bool(alive), bool(takes_queue))
     queue = tuple(
         str(name)
         for (name,) in conn.execute(

@@ -7,7 +7,14 @@ Stops at the first migration that fails or is rejected by lint; exit 0 only if e
 completed (or had completed before). With ``--wait-agents 0`` it runs with no fleet only
 when ``--allow-no-agents`` says so. ``--json`` prints one object at the end:
 ``{"ok", "url", "applied", "skipped", "results": [{"name", "status", "reason", "phases",
-"schema_restored", "warnings"}]}``.
+"schema_restored", "warnings"}], "via_leader"}``.
+
+When a ``lockstep serve`` already leads the database (its fleet is connected there), apply
+submits the files to its queue and follows them instead (``via_leader`` names it; results
+then carry only name, status and reason). Losing the lead mid-run (a database restart, the
+lock session terminated) is not the end: apply takes it again and resumes the run from its
+durable state. Ctrl-C or SIGTERM stops it without rolling back; running apply again (or
+``lockstep serve``) resumes the migration, ``lockstep abort NAME`` rolls it back.
 """
 
 from __future__ import annotations
@@ -30,6 +37,11 @@ from coordinator.cli.output import Output, safe
 from coordinator.cli.progress import LiveProgress
 from coordinator.cli.results import EventPrinter, print_result, result_json
 from coordinator.core import Coordinator, open_coordinator
+from coordinator.leader import LeadershipLost
+from coordinator.pg.errors import DatabaseFailed
+from coordinator.queue import RunState, SubmitRefused, watch
+from coordinator.queue import submit as submit_to_queue
+from coordinator.snapshot import read_snapshot
 from statemachine.exceptions import AlreadyApplied
 from statemachine.gate import MigrationRejected
 from statemachine.phases import MigrationStatus
@@ -84,15 +96,67 @@ class _Report:
     skipped: list[str] = dataclasses.field(default_factory=list)
     results: list[MigrationResult] = dataclasses.field(default_factory=list)
     rejected: str | None = None
+    #: Set when a ``lockstep serve`` leader ran the files (`_through_leader`).
+    via_leader: str | None = None
+    remote_failures: list[RunState] = dataclasses.field(default_factory=list)
 
 
 async def _apply(
     args: argparse.Namespace, dsn: str, files: list[MigrationFile], out: Output
 ) -> _Report:
-    report = _Report()
+    snap = await read_snapshot(dsn, limit=1)
+    leader = snap.leader
+    if leader is not None and leader.alive and leader.takes_queue:
+        return await _through_leader(args, dsn, files, out, leader.holder or "a coordinator")
     progress = LiveProgress(out)
-    with progress:
-        return await _serve_and_run(args, dsn, files, out, report, progress)
+    attempt = 0
+    while True:
+        with progress:
+            try:
+                return await _serve_and_run(args, dsn, files, out, _Report(), progress)
+            except LeadershipLost as exc:
+                # The database restarted, or our lock session was ended: whoever leads next
+                # resumes the run from its durable state. We try to be that leader again.
+                attempt += 1
+                if attempt > RELEAD_ATTEMPTS:
+                    raise CommandError(
+                        f"{exc}; gave up after {RELEAD_ATTEMPTS} tries: the next "
+                        "'lockstep apply' or 'lockstep serve' resumes the migration"
+                    ) from exc
+                out.event(f"[yellow]{safe(exc)}: taking the lead again to resume[/]")
+        await trio.sleep(1.0)
+
+
+#: How often `apply` takes the lead again after losing it mid-run before giving up.
+RELEAD_ATTEMPTS = 5
+
+
+async def _through_leader(
+    args: argparse.Namespace, dsn: str, files: list[MigrationFile], out: Output, holder: str
+) -> _Report:
+    """A ``lockstep serve`` leads this database: queue the files there and follow them (its
+    fleet is connected to it, not to us)."""
+    report = _Report(via_leader=holder)
+    out.event(f"{safe(holder)} leads this database: submitting to its queue")
+    submitted = await submit_to_queue(dsn, [f.migration for f in files], force=args.force)
+
+    def changed(state: RunState) -> None:
+        if state.status == "running" and state.state:
+            out.event(f"{safe(state.name)}: {state.state.upper()}")
+
+    states = await watch(dsn, [s.id for s in submitted], on_change=changed)
+    for sub, state in zip(submitted, states, strict=True):
+        mine = sub.outcome == "queued"
+        if state.status == "completed" and not mine:
+            out.event(f"[dim]skipped {safe(state.name)} (completed by the leader)[/]")
+            report.skipped.append(state.name)
+        elif state.status == "completed":
+            out.event(f"[bold green]completed[/] {safe(state.name)} (run by the leader)")
+            report.applied += 1
+        else:
+            out.event(f"[bold red]{safe(state.status)}[/] {safe(state.name)}: {safe(state.reason)}")
+            report.remote_failures.append(state)
+    return report
 
 
 async def _serve_and_run(
@@ -193,14 +257,24 @@ def run(args: argparse.Namespace) -> int:
     out = Output(json_mode=args.json, verbosity=options.verbosity(args))
     try:
         report = trio.run(_apply, args, dsn, files, out)
+    except KeyboardInterrupt:
+        stderr_console().print(
+            "a migration in flight stays durable where it was: run this 'lockstep apply' "
+            "again (or 'lockstep serve') to resume it, or 'lockstep abort NAME' to roll it back"
+        )
+        raise
+    except (SubmitRefused, DatabaseFailed) as exc:
+        raise CommandError(str(exc)) from exc
     except psycopg.OperationalError as exc:
         raise CommandError(f"cannot reach the database: {str(exc).strip()}") from exc
     except psycopg.Error as exc:
         raise CommandError(f"database error: {str(exc).strip()}") from exc
     except OSError as exc:
         raise CommandError(f"cannot serve on {args.host}:{args.port}: {exc}") from exc
-    ok = report.rejected is None and all(
-        r.status is MigrationStatus.COMPLETED for r in report.results
+    ok = (
+        report.rejected is None
+        and not report.remote_failures
+        and all(r.status is MigrationStatus.COMPLETED for r in report.results)
     )
     out.emit_json(
         {
@@ -209,7 +283,12 @@ def run(args: argparse.Namespace) -> int:
             "applied": report.applied,
             "skipped": report.skipped,
             "rejected": report.rejected,
-            "results": [result_json(r) for r in report.results],
+            "results": [result_json(r) for r in report.results]
+            + [
+                {"name": r.name, "status": r.status, "reason": r.reason}
+                for r in report.remote_failures
+            ],
+            "via_leader": report.via_leader,
         }
     )
     return 0 if ok else 1

@@ -11,13 +11,22 @@ import json
 import signal
 from pathlib import Path
 
+import psycopg
 import trio
 
 from agent import MigrationInfo, open_agent
 from tests.support.cli import run_lockstep
 from tests.support.flow import columns, make_users
 from tests.support.http_client import exchange
-from tests.support.processes import free_port, leading, listening, reap, serve, stop
+from tests.support.processes import (
+    free_port,
+    leading,
+    listening,
+    lockstep_process,
+    reap,
+    serve,
+    stop,
+)
 
 MIGRATION = """\
 -- lockstep:sql
@@ -122,4 +131,70 @@ async def test_sigterm_mid_apply_leaves_the_run_durable_and_a_restart_finishes_i
                 assert agent.is_applied("001_add_email")
     finally:
         reap(first, second)
+    assert "email" in columns(dsn) and "name" not in columns(dsn)
+
+
+async def test_apply_while_serve_leads_submits_to_its_queue(dsn: str, tmp_path: Path) -> None:
+    make_users(dsn)
+    path = tmp_path / "001_add_email.sql"
+    path.write_text(MIGRATION)
+    port = free_port()
+    server = serve(dsn, port)
+    try:
+        with trio.fail_after(90):
+            await listening(port)
+            await leading(dsn)
+            async with open_agent(f"ws://127.0.0.1:{port}", agent_id="app-1") as agent:
+                applied = await trio.to_thread.run_sync(
+                    run_lockstep,
+                    "apply", str(path), "--dsn", dsn, "--port", "0", "--allow-no-agents",
+                )  # fmt: skip
+                assert applied.returncode == 0, applied.stdout + applied.stderr
+                assert "leads this database: submitting to its queue" in applied.stdout
+                assert "completed 001_add_email (run by the leader)" in applied.stdout
+                assert agent.is_applied("001_add_email")
+    finally:
+        reap(server)
+
+
+async def test_apply_that_loses_its_lock_session_takes_the_lead_again_and_finishes(
+    dsn: str, tmp_path: Path
+) -> None:
+    make_users(dsn)
+    path = tmp_path / "001_add_email.sql"
+    path.write_text(MIGRATION)
+    port = free_port()
+    in_apply, cut = trio.Event(), trio.Event()
+
+    async def on_apply(info: MigrationInfo) -> None:
+        if not cut.is_set():
+            in_apply.set()
+            await cut.wait()
+
+    proc = lockstep_process(
+        "apply", str(path), "--dsn", dsn, "--port", str(port), "--wait-agents", "1",
+        "--ack-timeout", "30",
+    )  # fmt: skip
+    try:
+        with trio.fail_after(90):
+            await listening(port)
+            async with open_agent(
+                f"ws://127.0.0.1:{port}", agent_id="app-1", on_apply=on_apply, connect_timeout=30
+            ) as agent:
+                await in_apply.wait()
+                with psycopg.connect(dsn, autocommit=True) as admin:
+                    row = admin.execute(
+                        "SELECT epoch FROM lockstep.leader, pg_terminate_backend(backend_pid) t"
+                    ).fetchone()
+                    # The agent holds APPLY open until apply noticed and took the lead again.
+                    while admin.execute("SELECT epoch FROM lockstep.leader").fetchone() == row:
+                        await trio.sleep(0.1)
+                cut.set()
+                out, _ = await trio.to_thread.run_sync(proc.communicate)
+                assert proc.returncode == 0, out
+                assert agent.is_applied("001_add_email")
+    finally:
+        reap(proc)
+    assert "taking the lead again to resume" in out and "Traceback" not in out
+    assert "completed 001_add_email" in out
     assert "email" in columns(dsn) and "name" not in columns(dsn)
