@@ -1,0 +1,227 @@
+"""How an agent finds a coordinator: which URL next, how long to wait, what to log.
+
+Shared by the trio and asyncio agents, which only open sockets. A fleet may list several
+coordinator URLs (a leader and its standbys); the agent tries them in turn. A standby closes
+with `CLOSE_NOT_LEADER` and the agent moves to the next URL at once; any other failure waits
+an exponential backoff with jitter first, so a restarted coordinator is not stampeded.
+
+Logs are for operators watching hundreds of instances: the first failure of an outage is one
+warning naming the real cause, then one summary line per minute, then one INFO line when the
+agent is back.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import socket
+import ssl
+import time
+import urllib.parse
+from collections.abc import Callable, Sequence
+
+from agent.errors import AgentConfigError, HandshakeRejected
+
+log = logging.getLogger("lockstep.agent")
+
+#: Rejections that retrying cannot fix: stop reconnecting and say why in the log.
+FINAL_REJECTIONS = frozenset({"unauthorized", "version_mismatch", "invalid_message"})
+
+#: Answers at boot that mean the URL or the credentials are wrong (or it is not lockstep at
+#: all): the app hears of them at once instead of running on uncoordinated.
+BOOT_FATAL_REJECTIONS = FINAL_REJECTIONS | {
+    "malformed_frame",
+    "unknown_type",
+    "frame_too_large",
+    "frame_too_deep",
+    "protocol",
+}
+
+SUMMARY_INTERVAL = 60.0
+
+
+def coordinator_urls(url: str | Sequence[str]) -> tuple[str, ...]:
+    """One URL or several, checked: each must be ``ws://`` or ``wss://`` with a host."""
+    urls = (url,) if isinstance(url, str) else tuple(url)
+    if not urls:
+        raise AgentConfigError("no coordinator URL given")
+    for each in urls:
+        if not isinstance(each, str):
+            raise AgentConfigError(f"a coordinator URL must be a string, got {each!r}")
+        parts = urllib.parse.urlsplit(each)
+        if parts.scheme not in ("ws", "wss") or not parts.hostname:
+            raise AgentConfigError(
+                f"coordinator URL {each!r} is not ws://host:port or wss://host:port"
+            )
+    return urls
+
+
+def backoff(attempt: int, cap: float) -> float:
+    """Exponential backoff with jitter, so a restarted coordinator is not stampeded."""
+    return float(min(cap, 0.1 * 2**attempt) * random.uniform(0.5, 1.0))
+
+
+class Rotation:
+    """Which coordinator URL to try next, and how long to wait before trying it."""
+
+    def __init__(self, urls: Sequence[str], max_backoff: float) -> None:
+        self.urls = tuple(urls)
+        self.max_backoff = max_backoff
+        self.index = 0
+        self.attempt = 0
+        self._standbys_in_a_row = 0
+
+    @property
+    def url(self) -> str:
+        return self.urls[self.index]
+
+    def joined(self) -> None:
+        """The current URL accepted us: stay on it, start the backoff afresh."""
+        self.attempt = 0
+        self._standbys_in_a_row = 0
+
+    def failed(self, *, not_leader: bool = False) -> float:
+        """Move to the next URL; returns the seconds to wait before trying it."""
+        self.index = (self.index + 1) % len(self.urls)
+        if not_leader:
+            self._standbys_in_a_row += 1
+            if self._standbys_in_a_row < len(self.urls):
+                return 0.0  # a standby: the leader is elsewhere, try it now
+        self._standbys_in_a_row = 0
+        self.attempt += 1
+        return backoff(self.attempt, self.max_backoff)
+
+
+def _find(exc: BaseException, kind: type[BaseException]) -> BaseException | None:
+    """`exc` or the first exception of type `kind` among its causes and group members."""
+    seen: set[int] = set()
+    todo = [exc]
+    while todo:
+        each = todo.pop(0)
+        if id(each) in seen:
+            continue
+        seen.add(id(each))
+        if isinstance(each, kind):
+            return each
+        if isinstance(each, BaseExceptionGroup):
+            todo.extend(each.exceptions)
+        for linked in (each.__cause__, each.__context__):
+            if linked is not None:
+                todo.append(linked)
+    return None
+
+
+def describe_network_error(exc: BaseException, timeout: float) -> str:
+    """The plain cause of a failed connect, for operators: refused, DNS, TLS, timeout..."""
+    rejected = _find(exc, HandshakeRejected)
+    if isinstance(rejected, HandshakeRejected):
+        return describe_rejection(rejected)
+    tls = _find(exc, ssl.SSLError)
+    if isinstance(tls, ssl.SSLCertVerificationError):
+        return f"TLS error: {tls.verify_message or tls} ({tls})"
+    if isinstance(tls, ssl.SSLError):
+        return f"TLS error: {tls.reason or tls} ({tls})"
+    dns = _find(exc, socket.gaierror)
+    if isinstance(dns, socket.gaierror):
+        return f"DNS lookup failed: {dns.strerror or dns}"
+    if _find(exc, ConnectionRefusedError) is not None:
+        return "connection refused"
+    if _find(exc, TimeoutError) is not None:
+        return f"no answer within {timeout:g} s"
+    os_error = _find(exc, OSError)
+    if isinstance(os_error, OSError):
+        return str(os_error.strerror or os_error)
+    return str(exc) or type(exc).__name__
+
+
+def describe_rejection(exc: HandshakeRejected) -> str:
+    if exc.close_code is not None:
+        return f"handshake rejected with close code {exc.close_code}: {exc.message}"
+    return f"handshake rejected: {exc.code}: {exc.message}"
+
+
+class FailureLog:
+    """Rate-limited reporting of one agent's connection failures (see the module docstring)."""
+
+    def __init__(
+        self,
+        agent_id: str,
+        *,
+        interval: float = SUMMARY_INTERVAL,
+        clock: Callable[[], float] = time.monotonic,
+        logger: logging.Logger = log,
+    ) -> None:
+        self.agent_id = agent_id
+        self.interval = interval
+        self.clock = clock
+        self.log = logger
+        self.failures = 0
+        self._outage_since: float | None = None
+        self._last_line = 0.0
+
+    def lost(self) -> None:
+        """A joined connection dropped (already logged by the session): an outage begins."""
+        now = self.clock()
+        self._outage_since = self._last_line = now
+
+    def failed(self, url: str, cause: str) -> None:
+        now = self.clock()
+        self.failures += 1
+        if self._outage_since is None:
+            self._outage_since = self._last_line = now
+            self.log.warning(
+                "agent %s: cannot reach the coordinator at %s: %s; retrying in the background",
+                self.agent_id,
+                url,
+                cause,
+            )
+        elif now - self._last_line >= self.interval:
+            self._last_line = now
+            self.log.warning(
+                "agent %s: still cannot reach the coordinator: %d attempts in %.0f s, "
+                "last error at %s: %s",
+                self.agent_id,
+                self.failures,
+                now - self._outage_since,
+                url,
+                cause,
+            )
+
+    def not_leader(self, url: str) -> None:
+        self.log.debug("agent %s: %s is a standby; trying the next URL", self.agent_id, url)
+
+    def giving_up(self, url: str, cause: str) -> None:
+        self.log.error(
+            "agent %s: the coordinator at %s refused us for good: %s; not retrying",
+            self.agent_id,
+            url,
+            cause,
+        )
+
+    def joined(self, url: str, sessions: int) -> None:
+        now = self.clock()
+        if self._outage_since is not None:
+            self.log.info(
+                "agent %s: %s the coordinator at %s after %.0f s (%d failed attempts)",
+                self.agent_id,
+                "reconnected to" if sessions > 1 else "reached",
+                url,
+                now - self._outage_since,
+                self.failures,
+            )
+        else:
+            self.log.info("agent %s: joined the coordinator at %s", self.agent_id, url)
+        self.failures = 0
+        self._outage_since = None
+
+
+__all__ = [
+    "BOOT_FATAL_REJECTIONS",
+    "FINAL_REJECTIONS",
+    "FailureLog",
+    "Rotation",
+    "backoff",
+    "coordinator_urls",
+    "describe_network_error",
+    "describe_rejection",
+]
