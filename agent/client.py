@@ -25,10 +25,7 @@ from trio_websocket import (
 )
 
 from agent.dialing import (
-    BOOT_FATAL_REJECTIONS,
-    FINAL_REJECTIONS,
-    FailureLog,
-    Rotation,
+    Dialer,
     coordinator_urls,
     describe_network_error,
     describe_rejection,
@@ -258,54 +255,41 @@ async def keep_connected(
     retried with backoff, except final rejections, after which the agent stays disconnected
     and keeps its last known schema.
     """
-    rotation = Rotation(coordinator_urls(url), max_backoff)
-    failures = FailureLog(agent.agent_id)
-    booting = True
-    tried = 0  # URLs tried in the boot round
-
-    def boot_over() -> None:
-        nonlocal booting
-        if booting:
-            booting = False
-            task_status.started(agent)
+    dialer = Dialer(
+        agent.agent_id,
+        coordinator_urls(url),
+        max_backoff=max_backoff,
+        wait_connected=wait_connected,
+    )
 
     def joined() -> None:
-        rotation.joined()
-        failures.joined(rotation.url, agent.sessions)
-        boot_over()
+        if dialer.joined(agent.sessions):
+            task_status.started(agent)
 
     while True:
         sessions = agent.sessions
         try:
-            await _connect_once(agent, rotation.url, token, connect_timeout, ssl_context, joined)
-            delay = rotation.failed()  # the link dropped after joining
-            failures.lost()
+            await _connect_once(agent, dialer.url, token, connect_timeout, ssl_context, joined)
+            delay = dialer.dropped()
         except (CoordinatorUnreachable, HandshakeRejected, StaleLeader) as exc:
-            if agent.sessions > sessions:  # failed after joining: the link dropped
-                failures.lost()
-            fatal = isinstance(exc, HandshakeRejected) and exc.code in (
-                BOOT_FATAL_REJECTIONS if booting else FINAL_REJECTIONS
-            )
-            tried += 1
-            if booting and (fatal or (wait_connected and tried >= len(rotation.urls))):
-                raise
-            cause = _describe(exc)
-            if fatal:
-                failures.giving_up(rotation.url, cause)
-                return
-            if _not_leader(exc):
-                failures.not_leader(rotation.url)
-                delay = rotation.failed(not_leader=True)
+            if agent.sessions > sessions:  # it failed after joining: the link dropped
+                delay = dialer.dropped()
             else:
-                failures.failed(rotation.url, cause)
-                delay = rotation.failed()
-            if booting and tried >= len(rotation.urls):
-                outcome = await trio.to_thread.run_sync(
-                    read_for_boot, durable, abandon_on_cancel=True
-                )
-                boot_without_coordinator(agent, outcome)
-                boot_over()
-        if not reconnect and not booting:
+                code = exc.code if isinstance(exc, HandshakeRejected) else None
+                verdict = dialer.failed(_describe(exc), code=code, not_leader=_not_leader(exc))
+                if verdict.raise_it:
+                    raise
+                if verdict.give_up:
+                    return
+                if verdict.boot_now:
+                    outcome = await trio.to_thread.run_sync(
+                        read_for_boot, durable, abandon_on_cancel=True
+                    )
+                    boot_without_coordinator(agent, outcome)
+                    dialer.boot_over()
+                    task_status.started(agent)
+                delay = verdict.delay
+        if not reconnect and not dialer.booting:
             return
         await trio.sleep(delay)
 

@@ -12,6 +12,7 @@ agent is back.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import socket
@@ -215,11 +216,86 @@ class FailureLog:
         self._outage_since = None
 
 
+@dataclasses.dataclass(frozen=True)
+class Verdict:
+    """What the connect loop does after a failed attempt."""
+
+    raise_it: bool = False  # at boot: the app must hear of it (`open_agent` raises it)
+    give_up: bool = False  # a final rejection after boot: stop, keep the last known schema
+    boot_now: bool = False  # the boot round is over: fall back to the durable state, boot
+    delay: float = 0.0  # seconds before the next attempt
+
+
+class Dialer:
+    """The connect loop's decisions, for both event loops: URL order, backoff, boot, logs.
+
+    The boot round is one attempt per URL: if none joined, the agent boots without a
+    coordinator (`boot_now`), or, with `wait_connected`, the last failure is raised. A
+    rejection no retry can fix is raised at boot and ends the loop after it.
+    """
+
+    def __init__(
+        self,
+        agent_id: str,
+        urls: Sequence[str],
+        *,
+        max_backoff: float,
+        wait_connected: bool = False,
+        failures: FailureLog | None = None,
+    ) -> None:
+        self.rotation = Rotation(urls, max_backoff)
+        self.failures = failures or FailureLog(agent_id)
+        self.wait_connected = wait_connected
+        self.booting = True
+        self._tried = 0
+
+    @property
+    def url(self) -> str:
+        return self.rotation.url
+
+    def joined(self, sessions: int) -> bool:
+        """The current URL accepted us; True if that ends the boot."""
+        self.rotation.joined()
+        self.failures.joined(self.url, sessions)
+        return self.boot_over()
+
+    def boot_over(self) -> bool:
+        was, self.booting = self.booting, False
+        return was
+
+    def dropped(self) -> float:
+        """A joined link dropped: try again (the next URL, if the leader moved) after a pause."""
+        self.failures.lost()
+        return self.rotation.failed()
+
+    def failed(self, cause: str, *, code: str | None = None, not_leader: bool = False) -> Verdict:
+        """An attempt failed; `code` is the rejection's code, if the coordinator answered."""
+        fatal = code is not None and code in (
+            BOOT_FATAL_REJECTIONS if self.booting else FINAL_REJECTIONS
+        )
+        self._tried += 1
+        round_over = self.booting and self._tried >= len(self.rotation.urls)
+        if self.booting and (fatal or (self.wait_connected and round_over)):
+            return Verdict(raise_it=True)
+        if fatal:
+            self.failures.giving_up(self.url, cause)
+            return Verdict(give_up=True)
+        if not_leader:
+            self.failures.not_leader(self.url)
+            delay = self.rotation.failed(not_leader=True)
+        else:
+            self.failures.failed(self.url, cause)
+            delay = self.rotation.failed()
+        return Verdict(boot_now=round_over, delay=delay)
+
+
 __all__ = [
     "BOOT_FATAL_REJECTIONS",
     "FINAL_REJECTIONS",
+    "Dialer",
     "FailureLog",
     "Rotation",
+    "Verdict",
     "backoff",
     "coordinator_urls",
     "describe_network_error",
