@@ -64,6 +64,8 @@ class Agent(AgentSession):
             on_rollback=on_rollback,
         )
         self.disconnected = trio.Event()
+        #: The live connection, so that leaving (`open_agent`'s exit) can close it politely.
+        self.link: WebSocketConnection | None = None
 
     # ------------------------------------------------------------ the protocol
     async def handshake(self, ws: WebSocketConnection, token: str | None = None) -> Welcome:
@@ -199,7 +201,11 @@ async def _connect_once(
                 except trio.TooSlowError:
                     raise HandshakeRejected("timeout", "no welcome from the coordinator") from None
                 on_joined()
-                await agent.run(ws)
+                agent.link = ws
+                try:
+                    await agent.run(ws)
+                finally:
+                    agent.link = None
     except (OSError, HandshakeError, trio.TooSlowError) as exc:
         raise CoordinatorUnreachable(url, _network_cause(exc, connect_timeout)) from exc
     except ConnectionClosed as exc:
@@ -377,7 +383,19 @@ async def open_agent(
             if failed and not isinstance(failed[0], RuntimeError):
                 raise failed[0]
             yield agent
+            await _leave(agent)
             nursery.cancel_scope.cancel()
+
+
+async def _leave(agent: Agent) -> None:
+    """Close the connection with "going away" so the coordinator sees a clean departure;
+    bounded, so stopping an app never waits on a slow or vanished coordinator."""
+    agent.leaving = True
+    link = agent.link
+    if link is None:
+        return
+    with trio.move_on_after(0.5), contextlib.suppress(ConnectionClosed, OSError):
+        await link.aclose(1001, "agent stopping")
 
 
 __all__ = [

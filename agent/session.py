@@ -117,6 +117,8 @@ class AgentSession:
         #: True once the agent knows which migrations are applied: from a Welcome, or from the
         #: durable state in PostgreSQL while no coordinator could be reached.
         self.synced = False
+        #: Set when the app stops the agent: the close that follows is ours, not news.
+        self.leaving = False
         #: Where the applied set came from: "coordinator", "database" or None (not synced).
         self.synced_from: str | None = None
 
@@ -286,6 +288,9 @@ class AgentSession:
         )
 
     def lost(self, reason: object) -> None:
+        if self.leaving:
+            log.debug("agent %s: left the coordinator: %s", self.agent_id, reason)
+            return
         log.warning("agent %s: coordinator closed the connection: %s", self.agent_id, reason)
 
 
