@@ -149,7 +149,7 @@ def _closed_in_handshake(exc: ConnectionClosed) -> HandshakeRejected:
     if close is None:
         return HandshakeRejected("closed", "connection closed without a close frame")
     return HandshakeRejected(
-        "closed", f"connection closed: {close.reason or close.code}", close_code=close.code
+        "closed", close.reason or f"connection closed ({close.code})", close_code=close.code
     )
 
 

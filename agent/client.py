@@ -156,7 +156,7 @@ def _closed_in_handshake(exc: ConnectionClosed) -> HandshakeRejected:
     reason = exc.reason
     code = None if reason is None else reason.code
     text = "" if reason is None or not reason.reason else reason.reason
-    return HandshakeRejected("closed", f"connection closed: {text or reason}", close_code=code)
+    return HandshakeRejected("closed", text or f"connection closed ({reason})", close_code=code)
 
 
 def _not_leader(exc: BaseException) -> bool:
