@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 
+import pytest
 import trio
+from trio_websocket import WebSocketRequest, serve_websocket
 
+from agent import CoordinatorUnreachable
 from coordinator import open_coordinator
 from statemachine import Migration, MigrationStatus
+from statemachine.protocol import CLOSE_NOT_LEADER
 from tests.support.asyncio_app import AsyncioApp
 from tests.support.flow import columns, make_users
 
@@ -75,3 +80,43 @@ def test_importing_the_asyncio_agent_without_websockets_names_the_extra() -> Non
     )
     assert "MissingExtra" in out.stdout
     assert "pip install 'lockstep[asyncio]'" in out.stdout
+
+
+async def test_asyncio_agent_skips_a_standby_and_a_dead_url(
+    dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def standby(request: WebSocketRequest) -> None:
+        ws = await request.accept()
+        await ws.aclose(CLOSE_NOT_LEADER, "standby")
+
+    async with trio.open_nursery() as nursery, open_coordinator(dsn) as coord:
+        server = await nursery.start(serve_websocket, standby, "127.0.0.1", 0, None)
+        urls = ["ws://127.0.0.1:1", f"ws://127.0.0.1:{server.port}", coord.url]
+        app = AsyncioApp(urls, agent_id="fastapi-1")
+        await trio.to_thread.run_sync(app.start)
+        try:
+            assert app.agent is not None and app.agent.connected
+            assert coord.agents == {"fastapi-1"}
+        finally:
+            await trio.to_thread.run_sync(app.stop)
+        nursery.cancel_scope.cancel()
+    assert app.error is None
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "connection refused" in warnings[0]  # the dead URL only
+
+
+async def test_asyncio_agent_boots_without_a_coordinator(caplog: pytest.LogCaptureFixture) -> None:
+    app = AsyncioApp("ws://127.0.0.1:1", agent_id="fastapi-1")
+    await trio.to_thread.run_sync(app.start)
+    try:
+        assert app.agent is not None and not app.agent.connected and not app.agent.synced
+    finally:
+        await trio.to_thread.run_sync(app.stop)
+    assert app.error is None
+    assert any("cannot vouch for the schema" in r.getMessage() for r in caplog.records)
+
+
+def test_asyncio_agent_wait_connected_raises_when_unreachable() -> None:
+    app = AsyncioApp("ws://127.0.0.1:1", agent_id="fastapi-1", wait_connected=True)
+    with pytest.raises(CoordinatorUnreachable, match="connection refused"):
+        app.start()
