@@ -67,7 +67,7 @@ class Nack(_Message, frozen=True, tag="nack"):
 
 
 # ---------------------------------------------------------------- coordinator -> agent
-class Welcome(_Message, frozen=True, tag="welcome"):
+class Welcome(_Message, frozen=True, tag="welcome", omit_defaults=True):
     """Handshake accepted. `applied` lists the migrations whose new code agents must run."""
 
     protocol: int
@@ -75,10 +75,12 @@ class Welcome(_Message, frozen=True, tag="welcome"):
     heartbeat_interval: float
     #: The leader epoch of the coordinator that sent it (0: a coordinator that does not say).
     #: An agent ignores a Welcome or notice whose non-zero epoch is below one it already saw.
+    #: Omitted from the frame when 0 (`omit_defaults`), so such frames are exactly what agents
+    #: that predate the field decode; a non-zero epoch needs agents that know the field.
     epoch: int = 0
 
 
-class PhaseNotice(_Message, frozen=True, tag="phase"):
+class PhaseNotice(_Message, frozen=True, tag="phase", omit_defaults=True):
     """A migration entered `phase`; if `ack_required`, answer with Ack or Nack before
     `ack_timeout` seconds have passed."""
 
