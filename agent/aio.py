@@ -281,7 +281,7 @@ async def open_asyncio_agent(
     dsn: str | None = None,
     connect: ConnectFn | None = None,
     wait_connected: bool = False,
-    join_grace: float = 2.0,
+    join_grace: float = 5.0,
     max_backoff: float = 5.0,
 ) -> AsyncIterator[AsyncioAgent]:
     """`agent.open_agent` for asyncio apps: same arguments, same boot rules, async hooks."""

@@ -316,21 +316,21 @@ async def open_agent(
     dsn: str | None = None,
     connect: ConnectFn | None = None,
     wait_connected: bool = False,
-    join_grace: float = 2.0,
+    join_grace: float = 5.0,
     max_backoff: float = 5.0,
 ) -> AsyncIterator[Agent]:
     """Join the coordinator at `url` (or the first of several URLs that accepts) as
     `agent_id` and answer its phases in the background.
 
-    The app boots whether or not a coordinator is up: `open_agent` waits at most
-    `join_grace` seconds for the first handshake, and if no URL answers it returns anyway
-    and keeps connecting in the background. Meanwhile the agent picks the query set from the
-    durable state in PostgreSQL when given a `dsn` (psycopg) or a `connect` factory (any
-    DB-API connection); without either it starts with nothing applied and `agent.synced`
-    stays False until it reaches a coordinator. With `wait_connected=True` it raises
-    `CoordinatorUnreachable` instead when the first round over the URLs fails. It always
-    raises `HandshakeRejected` at boot for a refusal retrying cannot fix (bad token, protocol
-    version, a server that is not lockstep).
+    The app boots whether or not a coordinator is up: `open_agent` returns once the first
+    round over the URLs joined or failed (at once for a refused port), or after
+    `join_grace` seconds if an attempt hangs, and keeps connecting in the background.
+    Meanwhile the agent picks the query set from the durable state in PostgreSQL when given
+    a `dsn` (psycopg) or a `connect` factory (any DB-API connection); without either it
+    starts with nothing applied and `agent.synced` stays False until it reaches a coordinator.
+    With `wait_connected=True` it raises `CoordinatorUnreachable` instead when the first
+    round over the URLs fails. It always raises `HandshakeRejected` at boot for a refusal
+    retrying cannot fix (bad token, protocol version, a server that is not lockstep).
 
     Hooks are async callables taking a `MigrationInfo`: returning acks the phase, raising
     NACKs it. If the connection drops later, the agent reconnects with backoff (unless

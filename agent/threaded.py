@@ -72,7 +72,7 @@ class ThreadedAgent:
         dsn: str | None = None,
         connect: ConnectFn | None = None,
         wait_connected: bool = False,
-        join_grace: float = 2.0,
+        join_grace: float = 5.0,
     ) -> None:
         self.urls = coordinator_urls(url)
         self.url = self.urls[0]
