@@ -29,8 +29,12 @@ log = logging.getLogger("lockstep.agent")
 FINAL_REJECTIONS = frozenset({"unauthorized", "version_mismatch", "invalid_message"})
 
 #: Answers at boot that mean the URL or the credentials are wrong (or it is not lockstep at
-#: all): the app hears of them at once instead of running on uncoordinated.
+#: all): the app hears of them at once instead of running on uncoordinated. A duplicate id at
+#: boot is two instances configured alike: the second would run outside every cohort, so
+#: CONTRACT could drop what it still reads. (After the boot a duplicate is the coordinator
+#: not having noticed our own previous connection die yet, and is retried.)
 BOOT_FATAL_REJECTIONS = FINAL_REJECTIONS | {
+    "duplicate_agent",
     "malformed_frame",
     "unknown_type",
     "frame_too_large",

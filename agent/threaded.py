@@ -48,7 +48,8 @@ def _in_worker_thread(hook: SyncHook | None) -> HookFn | None:
         return None
 
     async def run(info: MigrationInfo) -> object:
-        return await trio.to_thread.run_sync(hook, info)
+        # Abandoned only when the agent stops: stop() must not wait on a slow hook.
+        return await trio.to_thread.run_sync(hook, info, abandon_on_cancel=True)
 
     return run
 
