@@ -247,7 +247,9 @@ async def keep_connected(
             else:
                 code = exc.code if isinstance(exc, HandshakeRejected) else None
                 cause = exc.cause if isinstance(exc, CoordinatorUnreachable) else _cause(exc, 0)
-                verdict = dialer.failed(cause, code=code, not_leader=_not_leader(exc))
+                verdict = dialer.failed(
+                    cause, code=code, not_leader=_not_leader(exc), synced=agent.synced
+                )
                 if verdict.raise_it:
                     boot(exc)
                     return
@@ -258,6 +260,9 @@ async def keep_connected(
                     boot_without_coordinator(agent, outcome)
                     dialer.boot_over()
                     boot()
+                elif verdict.read_durable_again and durable is not None:
+                    outcome = await asyncio.to_thread(read_for_boot, durable)
+                    boot_without_coordinator(agent, outcome, again=True)
                 delay = verdict.delay
         if not reconnect and not dialer.booting:
             boot()

@@ -282,7 +282,9 @@ async def keep_connected(
                 delay = dialer.dropped()
             else:
                 code = exc.code if isinstance(exc, HandshakeRejected) else None
-                verdict = dialer.failed(_describe(exc), code=code, not_leader=_not_leader(exc))
+                verdict = dialer.failed(
+                    _describe(exc), code=code, not_leader=_not_leader(exc), synced=agent.synced
+                )
                 if verdict.raise_it:
                     raise
                 if verdict.give_up:
@@ -294,6 +296,11 @@ async def keep_connected(
                     boot_without_coordinator(agent, outcome)
                     dialer.boot_over()
                     task_status.started(agent)
+                elif verdict.read_durable_again and durable is not None:
+                    outcome = await trio.to_thread.run_sync(
+                        read_for_boot, durable, abandon_on_cancel=True
+                    )
+                    boot_without_coordinator(agent, outcome, again=True)
                 delay = verdict.delay
         if not reconnect and not dialer.booting:
             return

@@ -43,6 +43,9 @@ BOOT_FATAL_REJECTIONS = FINAL_REJECTIONS | {
 }
 
 SUMMARY_INTERVAL = 60.0
+#: While no coordinator answers and the durable state could not be read either, how often to
+#: try reading it again.
+DURABLE_RETRY_INTERVAL = 5.0
 
 
 def coordinator_urls(url: str | Sequence[str]) -> tuple[str, ...]:
@@ -227,6 +230,9 @@ class Verdict:
     raise_it: bool = False  # at boot: the app must hear of it (`open_agent` raises it)
     give_up: bool = False  # a final rejection after boot: stop, keep the last known schema
     boot_now: bool = False  # the boot round is over: fall back to the durable state, boot
+    #: Still unsynced after another round (the database was down at boot too): read the
+    #: durable state again. At most once per `DURABLE_RETRY_INTERVAL`.
+    read_durable_again: bool = False
     delay: float = 0.0  # seconds before the next attempt
 
 
@@ -252,6 +258,8 @@ class Dialer:
         self.wait_connected = wait_connected
         self.booting = True
         self._tried = 0
+        self._failed_in_a_row = 0
+        self._next_durable_read = 0.0
 
     @property
     def url(self) -> str:
@@ -260,6 +268,7 @@ class Dialer:
     def joined(self, sessions: int) -> bool:
         """The current URL accepted us; True if that ends the boot."""
         self.rotation.joined()
+        self._failed_in_a_row = 0
         self.failures.joined(self.url, sessions)
         return self.boot_over()
 
@@ -272,12 +281,21 @@ class Dialer:
         self.failures.lost()
         return self.rotation.failed()
 
-    def failed(self, cause: str, *, code: str | None = None, not_leader: bool = False) -> Verdict:
-        """An attempt failed; `code` is the rejection's code, if the coordinator answered."""
+    def failed(
+        self,
+        cause: str,
+        *,
+        code: str | None = None,
+        not_leader: bool = False,
+        synced: bool = True,
+    ) -> Verdict:
+        """An attempt failed; `code` is the rejection's code, if the coordinator answered;
+        `synced` whether the agent knows the applied set already."""
         fatal = code is not None and code in (
             BOOT_FATAL_REJECTIONS if self.booting else FINAL_REJECTIONS
         )
         self._tried += 1
+        self._failed_in_a_row += 1
         round_over = self.booting and self._tried >= len(self.rotation.urls)
         if self.booting and (fatal or (self.wait_connected and round_over)):
             return Verdict(raise_it=True)
@@ -290,7 +308,18 @@ class Dialer:
         else:
             self.failures.failed(self.url, cause)
             delay = self.rotation.failed()
-        return Verdict(boot_now=round_over, delay=delay)
+        return Verdict(
+            boot_now=round_over, delay=delay, read_durable_again=self._durable_due(synced)
+        )
+
+    def _durable_due(self, synced: bool) -> bool:
+        if synced or self.booting or self._failed_in_a_row % len(self.rotation.urls):
+            return False
+        now = self.failures.clock()
+        if now < self._next_durable_read:
+            return False
+        self._next_durable_read = now + DURABLE_RETRY_INTERVAL
+        return True
 
 
 __all__ = [

@@ -134,9 +134,12 @@ def read_for_boot(durable: DurableState | None) -> frozenset[str] | str | None:
         return str(exc)
 
 
-def boot_without_coordinator(session: AgentSession, outcome: frozenset[str] | str | None) -> None:
+def boot_without_coordinator(
+    session: AgentSession, outcome: frozenset[str] | str | None, *, again: bool = False
+) -> None:
     """No coordinator answered the first round: run on the durable state if it was read,
-    or say plainly that nothing vouches for the schema yet. Call on the agent's loop."""
+    or say plainly that nothing vouches for the schema yet. Call on the agent's loop.
+    `again`: a later retry of a read that failed at boot (its failures were said then)."""
     if session.synced:
         return
     if isinstance(outcome, frozenset):
@@ -148,6 +151,9 @@ def boot_without_coordinator(session: AgentSession, outcome: frozenset[str] | st
         )
         return
     why = "no dsn= or connect= was given" if outcome is None else outcome
+    if again:
+        log.debug("agent %s: durable state still unreadable: %s", session.agent_id, why)
+        return
     log.warning(
         "agent %s: no coordinator reachable and no durable state (%s): starting with nothing "
         "applied; cannot vouch for the schema until a coordinator is reached",

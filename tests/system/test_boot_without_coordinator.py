@@ -171,3 +171,19 @@ async def test_an_unreadable_database_is_logged_not_raised(
     async with open_agent(f"ws://127.0.0.1:{_free_port()}", agent_id="app-1", dsn=dead) as agent:
         assert not agent.synced
     assert any("cannot connect to read the durable state" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_database_that_comes_up_after_the_boot_is_read_again(dsn: str) -> None:
+    await _durable_state(dsn, "completed")
+    target = {"dsn": f"postgresql://nobody@127.0.0.1:{_free_port()}/down"}  # refused, for now
+
+    def connect() -> psycopg.Connection[tuple[object, ...]]:
+        return psycopg.connect(target["dsn"], connect_timeout=2)
+
+    url = f"ws://127.0.0.1:{_free_port()}"
+    async with open_agent(url, agent_id="app-1", connect=connect, max_backoff=0.2) as agent:
+        assert not agent.synced and not agent.is_applied("add_email")
+        target["dsn"] = dsn  # the database is up; the coordinator still is not
+        await _until(lambda: agent.synced, timeout=20)
+        assert agent.synced_from == "database" and agent.is_applied("add_email")
+        assert not agent.connected
