@@ -21,7 +21,13 @@ import logging
 import ssl
 from collections.abc import AsyncIterator, Callable, Sequence
 
-from agent.dialing import Dialer, coordinator_urls, describe_network_error, describe_rejection
+from agent.dialing import (
+    Dialer,
+    coordinator_urls,
+    describe_network_error,
+    describe_rejection,
+    is_not_leader,
+)
 from agent.durable import ConnectFn, DurableState, boot_without_coordinator, read_for_boot
 from agent.errors import (
     CoordinatorUnreachable,
@@ -30,7 +36,7 @@ from agent.errors import (
     StaleLeader,
 )
 from agent.session import AgentSession, HookFn, MigrationInfo, ResyncStep
-from statemachine.protocol import CLOSE_NOT_LEADER, MAX_FRAME_BYTES, PhaseNotice, Welcome
+from statemachine.protocol import MAX_FRAME_BYTES, PhaseNotice, Welcome
 
 try:
     from websockets.asyncio.client import ClientConnection, connect
@@ -153,12 +159,6 @@ def _closed_in_handshake(exc: ConnectionClosed) -> HandshakeRejected:
     )
 
 
-def _not_leader(exc: BaseException) -> bool:
-    return isinstance(exc, StaleLeader) or (
-        isinstance(exc, HandshakeRejected) and exc.close_code == CLOSE_NOT_LEADER
-    )
-
-
 def _cause(exc: BaseException, timeout: float) -> str:
     if isinstance(exc, HandshakeRejected):
         return describe_rejection(exc)
@@ -248,7 +248,7 @@ async def keep_connected(
                 code = exc.code if isinstance(exc, HandshakeRejected) else None
                 cause = exc.cause if isinstance(exc, CoordinatorUnreachable) else _cause(exc, 0)
                 verdict = dialer.failed(
-                    cause, code=code, not_leader=_not_leader(exc), synced=agent.synced
+                    cause, code=code, not_leader=is_not_leader(exc), synced=agent.synced
                 )
                 if verdict.raise_it:
                     boot(exc)

@@ -1,8 +1,12 @@
-"""The agent embedded in each application instance.
+"""The agent embedded in each application instance, on trio.
 
 It holds one WebSocket to the coordinator, turns each phase notice into a call of the app's hook
 (through the pure `AgentMachine`), and answers Ack when the hook returns or Nack with the error
 text when it raises. `agent.is_applied(name)` is what the app consults to pick its query set.
+
+This module is the trio I/O only: what the agent decides lives in `agent/session.py`, which
+URL to try and what to log in `agent/dialing.py`, the fallback while no coordinator answers
+in `agent/durable.py`; the asyncio agent (`agent/aio.py`) shares all three.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from agent.dialing import (
     coordinator_urls,
     describe_network_error,
     describe_rejection,
+    is_not_leader,
 )
 from agent.durable import ConnectFn, DurableState, boot_without_coordinator, read_for_boot
 from agent.errors import (
@@ -39,7 +44,7 @@ from agent.errors import (
 )
 from agent.session import AgentSession, HookFn, MigrationInfo, ResyncStep
 from statemachine.exceptions import unwrap_single_group
-from statemachine.protocol import CLOSE_NOT_LEADER, PhaseNotice, Welcome
+from statemachine.protocol import PhaseNotice, Welcome
 
 log = logging.getLogger("lockstep.agent")
 
@@ -159,13 +164,6 @@ def _closed_in_handshake(exc: ConnectionClosed) -> HandshakeRejected:
     return HandshakeRejected("closed", text or f"connection closed ({reason})", close_code=code)
 
 
-def _not_leader(exc: BaseException) -> bool:
-    """A standby's close, or a deposed leader's Welcome: the leader is at another URL."""
-    return isinstance(exc, StaleLeader) or (
-        isinstance(exc, HandshakeRejected) and exc.close_code == CLOSE_NOT_LEADER
-    )
-
-
 def _describe(exc: BaseException) -> str:
     """Why one connect failed, in an operator's words."""
     if isinstance(exc, CoordinatorUnreachable):
@@ -283,7 +281,7 @@ async def keep_connected(
             else:
                 code = exc.code if isinstance(exc, HandshakeRejected) else None
                 verdict = dialer.failed(
-                    _describe(exc), code=code, not_leader=_not_leader(exc), synced=agent.synced
+                    _describe(exc), code=code, not_leader=is_not_leader(exc), synced=agent.synced
                 )
                 if verdict.raise_it:
                     raise

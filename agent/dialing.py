@@ -21,7 +21,8 @@ import time
 import urllib.parse
 from collections.abc import Callable, Sequence
 
-from agent.errors import AgentConfigError, HandshakeRejected
+from agent.errors import AgentConfigError, HandshakeRejected, StaleLeader
+from statemachine.protocol import CLOSE_NOT_LEADER
 
 log = logging.getLogger("lockstep.agent")
 
@@ -140,6 +141,13 @@ def describe_network_error(exc: BaseException, timeout: float) -> str:
     if isinstance(os_error, OSError):
         return str(os_error.strerror or os_error)
     return str(exc) or type(exc).__name__
+
+
+def is_not_leader(exc: BaseException) -> bool:
+    """A standby's close, or a deposed leader's Welcome: the leader is at another URL."""
+    return isinstance(exc, StaleLeader) or (
+        isinstance(exc, HandshakeRejected) and exc.close_code == CLOSE_NOT_LEADER
+    )
 
 
 def describe_rejection(exc: HandshakeRejected) -> str:
@@ -333,4 +341,5 @@ __all__ = [
     "coordinator_urls",
     "describe_network_error",
     "describe_rejection",
+    "is_not_leader",
 ]
