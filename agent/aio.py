@@ -21,15 +21,15 @@ import logging
 import ssl
 from collections.abc import AsyncIterator, Callable, Sequence
 
+from agent.connecting import stay_connected
 from agent.dialing import (
     Dialer,
     coordinator_urls,
     describe_network_error,
-    describe_rejection,
-    is_not_leader,
 )
-from agent.durable import ConnectFn, DurableState, boot_without_coordinator, read_for_boot
+from agent.durable import ConnectFn, DurableState, read_for_boot
 from agent.errors import (
+    AgentError,
     CoordinatorUnreachable,
     HandshakeRejected,
     MissingExtra,
@@ -159,11 +159,8 @@ def _closed_in_handshake(exc: ConnectionClosed) -> HandshakeRejected:
     )
 
 
-def _cause(exc: BaseException, timeout: float) -> str:
-    if isinstance(exc, HandshakeRejected):
-        return describe_rejection(exc)
-    if isinstance(exc, StaleLeader):
-        return str(exc)
+def _network_cause(exc: BaseException, timeout: float) -> str:
+    """websockets' errors (and what they wrap) as a plain cause."""
     if isinstance(exc, InvalidStatus):
         return f"handshake rejected: HTTP {exc.response.status_code}"
     if isinstance(exc, InvalidHandshake) and not isinstance(exc.__cause__, OSError):
@@ -200,7 +197,7 @@ async def _connect_once(
     except (HandshakeRejected, StaleLeader):
         raise
     except (OSError, InvalidHandshake, TimeoutError) as exc:
-        raise CoordinatorUnreachable(url, _cause(exc, connect_timeout)) from exc
+        raise CoordinatorUnreachable(url, _network_cause(exc, connect_timeout)) from exc
 
 
 async def keep_connected(
@@ -232,42 +229,26 @@ async def keep_connected(
             else:
                 booted.set_exception(error)
 
-    def joined() -> None:
-        if dialer.joined(agent.sessions):
-            boot()
+    async def attempt(to: str, joined: Callable[[], None]) -> None:
+        await _connect_once(agent, to, token, connect_timeout, ssl_context, joined)
 
-    while True:
-        sessions = agent.sessions
-        try:
-            await _connect_once(agent, dialer.url, token, connect_timeout, ssl_context, joined)
-            delay = dialer.dropped()
-        except (CoordinatorUnreachable, HandshakeRejected, StaleLeader) as exc:
-            if agent.sessions > sessions:
-                delay = dialer.dropped()
-            else:
-                code = exc.code if isinstance(exc, HandshakeRejected) else None
-                cause = exc.cause if isinstance(exc, CoordinatorUnreachable) else _cause(exc, 0)
-                verdict = dialer.failed(
-                    cause, code=code, not_leader=is_not_leader(exc), synced=agent.synced
-                )
-                if verdict.raise_it:
-                    boot(exc)
-                    return
-                if verdict.give_up:
-                    return
-                if verdict.boot_now:
-                    outcome = await asyncio.to_thread(read_for_boot, durable)
-                    boot_without_coordinator(agent, outcome)
-                    dialer.boot_over()
-                    boot()
-                elif verdict.read_durable_again and durable is not None:
-                    outcome = await asyncio.to_thread(read_for_boot, durable)
-                    boot_without_coordinator(agent, outcome, again=True)
-                delay = verdict.delay
-        if not reconnect and not dialer.booting:
-            boot()
-            return
-        await asyncio.sleep(delay)
+    async def read_durable() -> frozenset[str] | str | None:
+        return await asyncio.to_thread(read_for_boot, durable)
+
+    try:
+        await stay_connected(
+            agent,
+            dialer,
+            attempt=attempt,
+            sleep=asyncio.sleep,
+            read_durable=None if durable is None else read_durable,
+            reconnect=reconnect,
+            booted=boot,
+        )
+    except AgentError as exc:  # raised at boot only: `open_asyncio_agent` raises it
+        boot(exc)
+    finally:
+        boot()  # ended before booting (reconnect=False): let the app start anyway
 
 
 @contextlib.asynccontextmanager

@@ -28,19 +28,17 @@ from trio_websocket import (
     open_websocket_url,
 )
 
+from agent.connecting import stay_connected
 from agent.dialing import (
     Dialer,
     coordinator_urls,
     describe_network_error,
-    describe_rejection,
-    is_not_leader,
 )
-from agent.durable import ConnectFn, DurableState, boot_without_coordinator, read_for_boot
+from agent.durable import ConnectFn, DurableState, read_for_boot
 from agent.errors import (
     AgentError,
     CoordinatorUnreachable,
     HandshakeRejected,
-    StaleLeader,
 )
 from agent.session import AgentSession, HookFn, MigrationInfo, ResyncStep
 from statemachine.exceptions import unwrap_single_group
@@ -164,15 +162,6 @@ def _closed_in_handshake(exc: ConnectionClosed) -> HandshakeRejected:
     return HandshakeRejected("closed", text or f"connection closed ({reason})", close_code=code)
 
 
-def _describe(exc: BaseException) -> str:
-    """Why one connect failed, in an operator's words."""
-    if isinstance(exc, CoordinatorUnreachable):
-        return exc.cause
-    if isinstance(exc, HandshakeRejected):
-        return describe_rejection(exc)
-    return str(exc)
-
-
 def _network_cause(exc: BaseException, timeout: float) -> str:
     """trio-websocket's errors (and what they wrap) as a plain cause."""
     if isinstance(exc, ConnectionRejected):
@@ -266,43 +255,21 @@ async def keep_connected(
         wait_connected=wait_connected,
     )
 
-    def joined() -> None:
-        if dialer.joined(agent.sessions):
-            task_status.started(agent)
+    async def attempt(to: str, joined: Callable[[], None]) -> None:
+        await _connect_once(agent, to, token, connect_timeout, ssl_context, joined)
 
-    while True:
-        sessions = agent.sessions
-        try:
-            await _connect_once(agent, dialer.url, token, connect_timeout, ssl_context, joined)
-            delay = dialer.dropped()
-        except (CoordinatorUnreachable, HandshakeRejected, StaleLeader) as exc:
-            if agent.sessions > sessions:  # it failed after joining: the link dropped
-                delay = dialer.dropped()
-            else:
-                code = exc.code if isinstance(exc, HandshakeRejected) else None
-                verdict = dialer.failed(
-                    _describe(exc), code=code, not_leader=is_not_leader(exc), synced=agent.synced
-                )
-                if verdict.raise_it:
-                    raise
-                if verdict.give_up:
-                    return
-                if verdict.boot_now:
-                    outcome = await trio.to_thread.run_sync(
-                        read_for_boot, durable, abandon_on_cancel=True
-                    )
-                    boot_without_coordinator(agent, outcome)
-                    dialer.boot_over()
-                    task_status.started(agent)
-                elif verdict.read_durable_again and durable is not None:
-                    outcome = await trio.to_thread.run_sync(
-                        read_for_boot, durable, abandon_on_cancel=True
-                    )
-                    boot_without_coordinator(agent, outcome, again=True)
-                delay = verdict.delay
-        if not reconnect and not dialer.booting:
-            return
-        await trio.sleep(delay)
+    async def read_durable() -> frozenset[str] | str | None:
+        return await trio.to_thread.run_sync(read_for_boot, durable, abandon_on_cancel=True)
+
+    await stay_connected(
+        agent,
+        dialer,
+        attempt=attempt,
+        sleep=trio.sleep,
+        read_durable=None if durable is None else read_durable,
+        reconnect=reconnect,
+        booted=lambda: task_status.started(agent),
+    )
 
 
 @contextlib.asynccontextmanager
