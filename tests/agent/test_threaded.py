@@ -76,3 +76,14 @@ def test_threaded_agent_boots_without_a_coordinator() -> None:
         assert not app.is_applied("anything")
     finally:
         app.stop()
+
+
+async def test_threaded_agent_takes_several_urls(dsn: str) -> None:
+    async with open_coordinator(dsn) as coord:
+        app = ThreadedAgent(["ws://127.0.0.1:1", coord.url], agent_id="django-1")
+        await trio.to_thread.run_sync(app.start)
+        try:
+            assert app.connected and app.synced
+            assert coord.agents == {"django-1"}
+        finally:
+            await trio.to_thread.run_sync(app.stop)
