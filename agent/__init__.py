@@ -1,19 +1,22 @@
-"""The lockstep agent: embed it in each application instance (trio, or threaded apps via
-`ThreadedAgent`)."""
+"""The lockstep agent: embed it in each application instance (trio `open_agent`, threaded apps
+via `ThreadedAgent`, asyncio apps via `agent.aio.open_asyncio_agent`)."""
 
-from agent.client import (
-    Agent,
+from agent.client import Agent, open_agent
+from agent.errors import (
+    AgentConfigError,
     AgentError,
+    AgentForked,
     CoordinatorUnreachable,
     HandshakeRejected,
-    MigrationInfo,
-    open_agent,
 )
+from agent.session import MigrationInfo
 from agent.threaded import ThreadedAgent
 
 __all__ = [
     "Agent",
+    "AgentConfigError",
     "AgentError",
+    "AgentForked",
     "CoordinatorUnreachable",
     "HandshakeRejected",
     "MigrationInfo",

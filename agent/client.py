@@ -1,85 +1,54 @@
-"""The agent embedded in each application instance.
+"""The agent embedded in each application instance, on trio.
 
 It holds one WebSocket to the coordinator, turns each phase notice into a call of the app's hook
 (through the pure `AgentMachine`), and answers Ack when the hook returns or Nack with the error
 text when it raises. `agent.is_applied(name)` is what the app consults to pick its query set.
+
+This module is the trio I/O only: what the agent decides lives in `agent/session.py`, which
+URL to try and what to log in `agent/dialing.py`, the fallback while no coordinator answers
+in `agent/durable.py`; the asyncio agent (`agent/aio.py`) shares all three.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import logging
-import random
+import math
 import ssl
 import urllib.parse
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 
 import trio
 from trio_websocket import (
     ConnectionClosed,
+    ConnectionRejected,
     HandshakeError,
     WebSocketConnection,
     open_websocket_url,
 )
 
-from agent.inflight import InFlight
-from statemachine.agent_fsm import AgentMachine, AgentState, Hook
-from statemachine.exceptions import LockstepError, unwrap_single_group
-from statemachine.phases import Phase
-from statemachine.protocol import (
-    PROTOCOL_VERSION,
-    Ack,
-    Error,
-    Hello,
-    Nack,
-    PhaseNotice,
-    ProtocolError,
-    Welcome,
-    decode_coordinator_message,
-    encode,
+from agent.connecting import stay_connected
+from agent.dialing import (
+    Dialer,
+    coordinator_urls,
+    describe_network_error,
 )
+from agent.durable import ConnectFn, DurableState, read_for_boot
+from agent.errors import (
+    AgentError,
+    CoordinatorUnreachable,
+    HandshakeRejected,
+)
+from agent.session import AgentSession, HookFn, MigrationInfo, ResyncStep
+from statemachine.exceptions import unwrap_single_group
+from statemachine.protocol import PhaseNotice, Welcome
 
 log = logging.getLogger("lockstep.agent")
 
 
-@dataclasses.dataclass(frozen=True)
-class MigrationInfo:
-    """What a hook is told about the migration that reached it."""
-
-    migration_id: str  # "" when `resynced` (the Welcome names migrations, not ids)
-    name: str
-    phase: Phase
-    ack_timeout: float
-    #: True when the hook runs because a reconnect found the fleet had moved on without us.
-    resynced: bool = False
-
-
-HookFn = Callable[[MigrationInfo], Awaitable[object]]
-
-
-class AgentError(LockstepError):
-    """Base class of the errors `open_agent` raises at connect time (see the subclasses)."""
-
-
-class CoordinatorUnreachable(AgentError):
-    """Raised by `open_agent` when the coordinator cannot be reached on the first connect
-    (nothing listening, DNS, TLS, an HTTP refusal of the upgrade...)."""
-
-
-class HandshakeRejected(AgentError):
-    """Raised by `open_agent` when the coordinator answered the hello with an error (protocol
-    version, token, duplicate id); retrying would be refused the same way."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(f"coordinator rejected the handshake: {code}: {message}")
-        self.code = code
-        self.message = message
-
-
-class Agent:
-    """One application instance's view of the migration protocol."""
+class Agent(AgentSession):
+    """One application instance's view of the migration protocol, on trio."""
 
     def __init__(
         self,
@@ -90,95 +59,41 @@ class Agent:
         on_confirm: HookFn | None = None,
         on_rollback: HookFn | None = None,
     ) -> None:
-        self.agent_id = agent_id
-        self.hooks: dict[Hook, HookFn | None] = {
-            Hook.ON_ANNOUNCE: on_announce,
-            Hook.ON_APPLY: on_apply,
-            Hook.ON_CONFIRM: on_confirm,
-            Hook.ON_ROLLBACK: on_rollback,
-        }
-        self.machine = AgentMachine()
-        self.errors: list[Error] = []
-        self.connected = False
+        super().__init__(
+            agent_id,
+            on_announce=on_announce,
+            on_apply=on_apply,
+            on_confirm=on_confirm,
+            on_rollback=on_rollback,
+        )
         self.disconnected = trio.Event()
-        self.inflight = InFlight()
-        #: Completed handshakes; more than one means the agent reconnected.
-        self.sessions = 0
-
-    # ------------------------------------------------------------ for the app
-    def is_applied(self, name: str) -> bool:
-        """True once this instance switched to the schema of migration `name`."""
-        return self.machine.is_applied(name)
-
-    def using(self, name: str) -> contextlib.AbstractContextManager[bool]:
-        """Wrap one unit of work (a request, a job) that picks its queries by migration `name`.
-
-        ``with agent.using("add_email") as new: ...`` yields whether to use the new query set,
-        and holds that choice until the block ends: the agent acks APPLY only when no block
-        that chose the old set is still running (and ROLLBACK only when no block on the new
-        set is), so CONTRACT or rollback SQL never runs under work that still needs the old
-        (or new) schema. Safe to use from any thread.
-        """
-        return self.inflight.using(name, self.machine.is_applied)
-
-    @property
-    def applied(self) -> frozenset[str]:
-        return frozenset(self.machine.applied)
-
-    @property
-    def state(self) -> AgentState:
-        return self.machine.state
-
-    @property
-    def phase(self) -> Phase | None:
-        return self.machine.phase
-
-    @property
-    def seen(self) -> list[tuple[str, Phase]]:
-        """(migration name, phase) of every notice received, in order."""
-        return list(self.machine.seen)
+        #: The live connection, so that leaving (`open_agent`'s exit) can close it politely.
+        self.link: WebSocketConnection | None = None
 
     # ------------------------------------------------------------ the protocol
     async def handshake(self, ws: WebSocketConnection, token: str | None = None) -> Welcome:
-        await ws.send_message(
-            encode(Hello(protocol=PROTOCOL_VERSION, agent_id=self.agent_id, token=token))
-        )
         try:
+            await ws.send_message(self.hello(token))
             frame = await ws.get_message()
         except ConnectionClosed as exc:
-            raise HandshakeRejected("closed", f"connection closed: {exc.reason}") from None
-        try:
-            msg = decode_coordinator_message(frame)
-        except ProtocolError as exc:
-            raise HandshakeRejected(exc.code, f"unreadable answer to hello: {exc}") from None
-        if isinstance(msg, Error):
-            raise HandshakeRejected(msg.code, msg.message)
-        if not isinstance(msg, Welcome):
-            raise HandshakeRejected("protocol", f"expected welcome, got {msg!r}")
-        if self.sessions == 0:
-            self.machine.applied.update(msg.applied)
-        else:
-            await self._resync(msg.applied)
-        self.sessions += 1
-        self.connected = True
+            raise _closed_in_handshake(exc) from None
+        msg = self.read_welcome(frame)
+        await self._resync(self.adopt_welcome(msg))
+        self.session_started()
         self.disconnected = trio.Event()
         return msg
 
-    async def _resync(self, applied: list[str]) -> None:
+    async def _resync(self, steps: list[ResyncStep]) -> None:
         """After a reconnect, switch or revert to match what the coordinator says is applied."""
-        added, removed = self.machine.resync(applied)
-        for name, phase, hook in [
-            *((n, Phase.ROLLBACK, Hook.ON_ROLLBACK) for n in sorted(removed)),
-            *((n, Phase.APPLY, Hook.ON_APPLY) for n in sorted(added)),
-        ]:
-            log.warning("agent %s: resync after reconnect: %s %s", self.agent_id, phase.name, name)
-            fn = self.hooks[hook]
+        for step in steps:
+            self.log_resync(step)
+            fn = self.hooks[step.hook]
             if fn is None:
                 continue
             try:
-                await fn(MigrationInfo("", name, phase, 0.0, resynced=True))
+                await fn(step.info())
             except Exception:
-                log.exception("agent %s: %s hook failed during resync", self.agent_id, hook.value)
+                self.log_resync_failure(step)
 
     async def serve(
         self,
@@ -199,81 +114,59 @@ class Agent:
                 try:
                     frame = await ws.get_message()
                 except ConnectionClosed as exc:
-                    log.warning(
-                        "agent %s: coordinator closed the connection: %s", self.agent_id, exc.reason
-                    )
+                    self.lost(exc.reason)
                     return
-                try:
-                    msg = decode_coordinator_message(frame)
-                except ProtocolError as exc:
-                    log.error("agent %s: bad frame from coordinator: %s", self.agent_id, exc)
-                    continue
+                msg = self.read_frame(frame)
                 if isinstance(msg, PhaseNotice):
                     await self._handle_notice(ws, msg)
-                elif isinstance(msg, Error):
-                    log.warning(
-                        "agent %s: coordinator error %s: %s", self.agent_id, msg.code, msg.message
-                    )
-                    self.errors.append(msg)
         finally:
             self.connected = False
             self.disconnected.set()
 
     async def _handle_notice(self, ws: WebSocketConnection, notice: PhaseNotice) -> None:
-        step = self.machine.on_notice(
-            notice.migration_id, notice.migration, notice.phase, notice.ack_required
-        )
-        if step.problem:
-            log.warning("agent %s: %s", self.agent_id, step.problem)
+        step = self.begin_notice(notice)
+        if step is None:  # a deposed coordinator's notice: not acted on, not acked
+            return
         error: str | None = None
         if step.hook is not None:
             hook = self.hooks[step.hook]
-            info = MigrationInfo(
-                notice.migration_id, notice.migration, notice.phase, notice.ack_timeout
-            )
             try:
                 if hook is not None:
-                    await hook(info)
+                    await hook(self.hook_info(notice))
             except Exception as exc:  # the app's own code: any failure is a NACK
-                error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-                log.warning("agent %s: %s hook failed: %s", self.agent_id, step.hook.value, error)
-                self.machine.hook_failed(notice.phase)
+                error = self.hook_raised(notice, step.hook, exc)
             else:
-                self.machine.hook_succeeded(notice.phase)
+                self.hook_returned(notice)
                 error = await self._drain_previous_version(notice)
         if not step.ack:
             return
-        reply: Ack | Nack
-        if error is None:
-            reply = Ack(migration_id=notice.migration_id, phase=notice.phase)
-        else:
-            reply = Nack(migration_id=notice.migration_id, phase=notice.phase, error=error[:4000])
         with contextlib.suppress(ConnectionClosed):
-            await ws.send_message(encode(reply))
+            await ws.send_message(self.reply(notice, error))
 
     async def _drain_previous_version(self, notice: PhaseNotice) -> str | None:
         """After switching (APPLY) or reverting (ROLLBACK), wait for work still using the other
         query set; past the ack timeout, NACK rather than let the schema move under it."""
-        if notice.phase not in (Phase.APPLY, Phase.ROLLBACK):
+        target = self.drain_target(notice)
+        if target is None:
             return None
-        previous = notice.phase is Phase.ROLLBACK  # work on the version we just left
         with trio.move_on_after(notice.ack_timeout):
-            await self.inflight.drained(notice.migration, previous)
+            await self.inflight.drained(*target)
             return None
-        left = self.inflight.count(notice.migration, previous)
-        return (
-            f"{left} unit(s) of work on the {'new' if previous else 'old'} query set of "
-            f"{notice.migration!r} still running after {notice.ack_timeout:g} s"
-        )
+        return self.drain_failure(notice)
 
 
-#: Rejections that retrying cannot fix: stop reconnecting and say why in the log.
-_FINAL_REJECTIONS = frozenset({"unauthorized", "version_mismatch", "invalid_message"})
+def _closed_in_handshake(exc: ConnectionClosed) -> HandshakeRejected:
+    reason = exc.reason
+    code = None if reason is None else reason.code
+    text = "" if reason is None or not reason.reason else reason.reason
+    return HandshakeRejected("closed", text or f"connection closed ({reason})", close_code=code)
 
 
-def _backoff(attempt: int, cap: float) -> float:
-    """Exponential backoff with jitter, so a restarted coordinator is not stampeded."""
-    return float(min(cap, 0.1 * 2**attempt) * random.uniform(0.5, 1.0))
+def _network_cause(exc: BaseException, timeout: float) -> str:
+    """trio-websocket's errors (and what they wrap) as a plain cause."""
+    if isinstance(exc, ConnectionRejected):
+        return f"handshake rejected: HTTP {exc.status_code}"
+    return describe_network_error(exc, timeout)
 
 
 async def _connect_once(
@@ -295,11 +188,15 @@ async def _connect_once(
                 except trio.TooSlowError:
                     raise HandshakeRejected("timeout", "no welcome from the coordinator") from None
                 on_joined()
-                await agent.run(ws)
+                agent.link = ws
+                try:
+                    await agent.run(ws)
+                finally:
+                    agent.link = None
     except (OSError, HandshakeError, trio.TooSlowError) as exc:
-        raise CoordinatorUnreachable(f"cannot reach the coordinator at {url}: {exc!r}") from exc
+        raise CoordinatorUnreachable(url, _network_cause(exc, connect_timeout)) from exc
     except ConnectionClosed as exc:
-        raise CoordinatorUnreachable(f"connection to {url} closed: {exc.reason}") from exc
+        raise CoordinatorUnreachable(url, f"connection closed: {exc.reason}") from exc
 
 
 async def _check_tls(url: str, ssl_context: ssl.SSLContext | None, timeout: float) -> None:
@@ -323,56 +220,61 @@ async def _check_tls(url: str, ssl_context: ssl.SSLContext | None, timeout: floa
                 await stream.aclose()
     except (OSError, trio.BrokenResourceError, trio.TooSlowError) as exc:
         cause = exc.__cause__ or exc
-        raise CoordinatorUnreachable(f"TLS with the coordinator at {url} failed: {cause}") from exc
+        if isinstance(cause, ssl.SSLError):
+            raise CoordinatorUnreachable(url, f"TLS error: {cause}") from exc
+        raise CoordinatorUnreachable(url, describe_network_error(exc, timeout)) from exc
 
 
 async def keep_connected(
     agent: Agent,
-    url: str,
+    url: str | Sequence[str],
     *,
     token: str | None = None,
     connect_timeout: float = 10.0,
     reconnect: bool = True,
     max_backoff: float = 5.0,
     ssl_context: ssl.SSLContext | None = None,
+    durable: DurableState | None = None,
+    wait_connected: bool = False,
     task_status: trio.TaskStatus[Agent] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve `agent` on `url`; after the first handshake, reconnect whenever the link drops.
+    """Serve `agent` on the coordinator URLs, reconnecting whenever the link drops.
 
-    The first connection's failure is raised (`CoordinatorUnreachable`, `HandshakeRejected`):
-    an app should not start believing it is coordinated. Later failures are logged and
-    retried with backoff, except final rejections (bad token, protocol version), after which
-    the agent stays disconnected and keeps its last known schema.
+    `task_status.started` is called when the agent booted: it joined a coordinator, or the
+    first round over every URL failed and it fell back to the durable state (see
+    `agent/durable.py`). A boot-time rejection that retrying cannot fix (bad token, protocol
+    version, not lockstep at all) is raised; with `wait_connected`, so is a failed first
+    round (`CoordinatorUnreachable`). After the boot, failures are logged (rate-limited) and
+    retried with backoff, except final rejections, after which the agent stays disconnected
+    and keeps its last known schema.
     """
-    started = False
-    attempt = 0
+    dialer = Dialer(
+        agent.agent_id,
+        coordinator_urls(url),
+        max_backoff=max_backoff,
+        wait_connected=wait_connected,
+    )
 
-    def joined() -> None:
-        nonlocal started, attempt
-        attempt = 0
-        if not started:
-            started = True
-            task_status.started(agent)
+    async def attempt(to: str, joined: Callable[[], None]) -> None:
+        await _connect_once(agent, to, token, connect_timeout, ssl_context, joined)
 
-    while True:
-        try:
-            await _connect_once(agent, url, token, connect_timeout, ssl_context, joined)
-        except (CoordinatorUnreachable, HandshakeRejected) as exc:
-            if not started:
-                raise
-            final = isinstance(exc, HandshakeRejected) and exc.code in _FINAL_REJECTIONS
-            log.warning("agent %s: %s%s", agent.agent_id, exc, "" if not final else "; giving up")
-            if final:
-                return
-        if not reconnect:
-            return
-        attempt += 1
-        await trio.sleep(_backoff(attempt, max_backoff))
+    async def read_durable() -> frozenset[str] | str | None:
+        return await trio.to_thread.run_sync(read_for_boot, durable, abandon_on_cancel=True)
+
+    await stay_connected(
+        agent,
+        dialer,
+        attempt=attempt,
+        sleep=trio.sleep,
+        read_durable=None if durable is None else read_durable,
+        reconnect=reconnect,
+        booted=lambda: task_status.started(agent),
+    )
 
 
 @contextlib.asynccontextmanager
 async def open_agent(
-    url: str,
+    url: str | Sequence[str],
     *,
     agent_id: str,
     on_announce: HookFn | None = None,
@@ -383,17 +285,34 @@ async def open_agent(
     connect_timeout: float = 10.0,
     reconnect: bool = True,
     ssl_context: ssl.SSLContext | None = None,
+    dsn: str | None = None,
+    connect: ConnectFn | None = None,
+    wait_connected: bool = False,
+    join_grace: float = 5.0,
+    max_backoff: float = 5.0,
 ) -> AsyncIterator[Agent]:
-    """Connect to the coordinator at `url` as `agent_id` and answer its phases in the background.
+    """Join the coordinator at `url` (or the first of several URLs that accepts) as
+    `agent_id` and answer its phases in the background.
 
-    Raises `CoordinatorUnreachable` or `HandshakeRejected` if it cannot join. Hooks are async
-    callables taking a `MigrationInfo`: returning acks the phase, raising NACKs it. If the
-    connection drops later, the agent reconnects with backoff (unless `reconnect=False`) and,
-    on rejoining, runs `on_rollback`/`on_apply` for migrations that were rolled back or
-    completed while it was away (`info.resynced` is True then). For a ``wss://`` URL,
-    `ssl_context` is the client context that trusts the coordinator's certificate (default:
-    the system's trust store).
+    The app boots whether or not a coordinator is up: `open_agent` returns once the first
+    round over the URLs joined or failed (at once for a refused port), or after
+    `join_grace` seconds if an attempt hangs, and keeps connecting in the background.
+    Meanwhile the agent picks the query set from the durable state in PostgreSQL when given
+    a `dsn` (psycopg) or a `connect` factory (any DB-API connection); without either it
+    starts with nothing applied and `agent.synced` stays False until it reaches a coordinator.
+    With `wait_connected=True` it raises `CoordinatorUnreachable` instead when the first
+    round over the URLs fails. It always raises `HandshakeRejected` at boot for a refusal
+    retrying cannot fix (bad token, protocol version, a server that is not lockstep).
+
+    Hooks are async callables taking a `MigrationInfo`: returning acks the phase, raising
+    NACKs it. If the connection drops later, the agent reconnects with backoff (unless
+    `reconnect=False`) and, on rejoining, runs `on_rollback`/`on_apply` for migrations that
+    were rolled back or completed while it was away (`info.resynced` is True then). For a
+    ``wss://`` URL, `ssl_context` is the client context that trusts the coordinator's
+    certificate (default: the system's trust store).
     """
+    urls = coordinator_urls(url)
+    durable = DurableState.maybe(dsn, connect)
     agent = Agent(
         agent_id,
         on_announce=on_announce,
@@ -403,16 +322,60 @@ async def open_agent(
     )
     with unwrap_single_group():
         async with trio.open_nursery() as nursery:
-            await nursery.start(
-                functools.partial(
-                    keep_connected,
-                    agent,
-                    url,
-                    token=token,
-                    connect_timeout=connect_timeout,
-                    reconnect=reconnect,
-                    ssl_context=ssl_context,
-                )
-            )
+            booted = trio.Event()
+            failed: list[BaseException] = []
+
+            async def connected_in_background() -> None:
+                try:
+                    await nursery.start(
+                        functools.partial(
+                            keep_connected,
+                            agent,
+                            urls,
+                            token=token,
+                            connect_timeout=connect_timeout,
+                            reconnect=reconnect,
+                            max_backoff=max_backoff,
+                            ssl_context=ssl_context,
+                            durable=durable,
+                            wait_connected=wait_connected,
+                        )
+                    )
+                except (AgentError, RuntimeError) as exc:  # RuntimeError: ended before boot
+                    if booted.is_set() and isinstance(exc, AgentError):  # the app runs already
+                        log.error("agent %s: %s; not retrying", agent_id, exc)
+                    failed.append(exc)
+                finally:
+                    booted.set()
+
+            nursery.start_soon(connected_in_background)
+            with trio.move_on_after(math.inf if wait_connected else join_grace):
+                await booted.wait()
+            booted.set()
+            if failed and not isinstance(failed[0], RuntimeError):
+                raise failed[0]
             yield agent
+            await _leave(agent)
             nursery.cancel_scope.cancel()
+
+
+async def _leave(agent: Agent) -> None:
+    """Close the connection with "going away" so the coordinator sees a clean departure;
+    bounded, so stopping an app never waits on a slow or vanished coordinator."""
+    agent.leaving = True
+    link = agent.link
+    if link is None:
+        return
+    with trio.move_on_after(0.5), contextlib.suppress(ConnectionClosed, OSError):
+        await link.aclose(1001, "agent stopping")
+
+
+__all__ = [
+    "Agent",
+    "AgentError",
+    "CoordinatorUnreachable",
+    "HandshakeRejected",
+    "MigrationInfo",
+    "keep_connected",
+    "open_agent",
+]

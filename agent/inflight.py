@@ -6,6 +6,9 @@ each unit of work in `agent.using(name)` closes it: the agent acks APPLY only on
 chose the old query set is still running, and acks ROLLBACK only once no work on the new set is
 (F1's schema leases, per request). The counts are guarded by a thread lock because threaded
 apps enter `using` from their own threads.
+
+The trio and the asyncio agents share this counter: `when_drained` takes a thread-safe
+wake-up callback, and each event loop supplies its own (`drained` is the trio one).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ class InFlight:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._counts: collections.Counter[Version] = collections.Counter()
-        self._waiters: dict[Version, list[tuple[trio.lowlevel.TrioToken, trio.Event]]] = {}
+        self._waiters: dict[Version, list[Callable[[], None]]] = {}
 
     def count(self, name: str, applied: bool) -> int:
         with self._lock:
@@ -46,17 +49,24 @@ class InFlight:
                 if self._counts[version] <= 0:
                     del self._counts[version]
                     waiters = self._waiters.pop(version, [])
-            for token, event in waiters:
-                token.run_sync_soon(event.set)  # thread-safe wake-up of the agent's loop
+            for wake in waiters:
+                wake()  # each is a thread-safe wake-up of its agent's event loop
 
-    async def drained(self, name: str, applied: bool) -> None:
-        """Return once no work on (`name`, `applied`) is in flight. Call after the switch."""
+    def when_drained(self, name: str, applied: bool, wake: Callable[[], None]) -> bool:
+        """Call `wake` (from any thread) once no work on (`name`, `applied`) is in flight.
+
+        Returns False, without registering `wake`, when nothing is in flight now.
+        """
         version = (name, applied)
         with self._lock:
             if not self._counts[version]:
-                return
-            event = trio.Event()
-            self._waiters.setdefault(version, []).append(
-                (trio.lowlevel.current_trio_token(), event)
-            )
-        await event.wait()
+                return False
+            self._waiters.setdefault(version, []).append(wake)
+            return True
+
+    async def drained(self, name: str, applied: bool) -> None:
+        """Return once no work on (`name`, `applied`) is in flight. Call after the switch."""
+        event = trio.Event()
+        token = trio.lowlevel.current_trio_token()
+        if self.when_drained(name, applied, lambda: token.run_sync_soon(event.set)):
+            await event.wait()

@@ -16,12 +16,28 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import logging
 from collections.abc import Callable, Iterable
 from typing import Any
 
 from transitions import EventData, Machine
 
 from statemachine.phases import Phase
+
+
+def quiet_transitions_logging() -> None:
+    """Keep the `transitions` library's loggers at WARNING unless the app chose a level.
+
+    It logs every state change at INFO; an app whose root logger is at INFO would get a few
+    lines per phase per agent, in every worker. A level the app set on ``transitions`` (or
+    on one of its child loggers, which takes precedence) is left alone.
+    """
+    logger = logging.getLogger("transitions")
+    if logger.level == logging.NOTSET:
+        logger.setLevel(logging.WARNING)
+
+
+quiet_transitions_logging()
 
 
 class AgentState(enum.Enum):
@@ -182,4 +198,11 @@ class AgentMachine:
         return False
 
 
-__all__ = ["AGENT_TRANSITIONS", "AgentMachine", "AgentState", "Hook", "Step"]
+__all__ = [
+    "AGENT_TRANSITIONS",
+    "AgentMachine",
+    "AgentState",
+    "Hook",
+    "Step",
+    "quiet_transitions_logging",
+]

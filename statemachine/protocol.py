@@ -28,6 +28,9 @@ CLOSE_VERSION_MISMATCH: Final = 4002
 CLOSE_UNAUTHORIZED: Final = 4003
 CLOSE_TOO_MANY_ERRORS: Final = 4008  # more than MAX_BAD_FRAMES bad frames in a row
 CLOSE_DUPLICATE_AGENT: Final = 4009
+#: "This coordinator is a standby: try another URL." Agents given several URLs move on to the
+#: next one at once, without a warning.
+CLOSE_NOT_LEADER: Final = 4011
 CLOSE_BUSY: Final = 1013  # "try again later": too many connections are still in their handshake
 CLOSE_COORDINATOR_SHUTDOWN: Final = 1001  # "going away"
 
@@ -64,15 +67,20 @@ class Nack(_Message, frozen=True, tag="nack"):
 
 
 # ---------------------------------------------------------------- coordinator -> agent
-class Welcome(_Message, frozen=True, tag="welcome"):
+class Welcome(_Message, frozen=True, tag="welcome", omit_defaults=True):
     """Handshake accepted. `applied` lists the migrations whose new code agents must run."""
 
     protocol: int
     applied: list[str]
     heartbeat_interval: float
+    #: The leader epoch of the coordinator that sent it (0: a coordinator that does not say).
+    #: An agent ignores a Welcome or notice whose non-zero epoch is below one it already saw.
+    #: Omitted from the frame when 0 (`omit_defaults`), so such frames are exactly what agents
+    #: that predate the field decode; a non-zero epoch needs agents that know the field.
+    epoch: int = 0
 
 
-class PhaseNotice(_Message, frozen=True, tag="phase"):
+class PhaseNotice(_Message, frozen=True, tag="phase", omit_defaults=True):
     """A migration entered `phase`; if `ack_required`, answer with Ack or Nack before
     `ack_timeout` seconds have passed."""
 
@@ -81,6 +89,7 @@ class PhaseNotice(_Message, frozen=True, tag="phase"):
     phase: Phase
     ack_required: bool
     ack_timeout: float
+    epoch: int = 0  # as in Welcome: a deposed leader's notices are ignored
 
 
 class Error(_Message, frozen=True, tag="error"):
@@ -198,6 +207,7 @@ __all__ = [
     "CLOSE_COORDINATOR_SHUTDOWN",
     "CLOSE_DUPLICATE_AGENT",
     "CLOSE_HANDSHAKE_TIMEOUT",
+    "CLOSE_NOT_LEADER",
     "CLOSE_PROTOCOL_ERROR",
     "CLOSE_TOO_MANY_ERRORS",
     "CLOSE_UNAUTHORIZED",

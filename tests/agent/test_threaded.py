@@ -62,7 +62,28 @@ async def test_threaded_agent_nack_from_a_raising_hook(dsn: str) -> None:
     assert result.reason == "nack in ANNOUNCE from agent django-1: RuntimeError: not today"
 
 
-def test_threaded_agent_start_raises_when_unreachable() -> None:
-    app = ThreadedAgent("ws://127.0.0.1:1", agent_id="x", connect_timeout=2)
-    with pytest.raises(CoordinatorUnreachable):
+def test_threaded_agent_start_raises_when_unreachable_if_asked_to_wait() -> None:
+    app = ThreadedAgent("ws://127.0.0.1:1", agent_id="x", connect_timeout=2, wait_connected=True)
+    with pytest.raises(CoordinatorUnreachable, match="connection refused"):
         app.start()
+
+
+def test_threaded_agent_boots_without_a_coordinator() -> None:
+    app = ThreadedAgent("ws://127.0.0.1:1", agent_id="x", connect_timeout=2)
+    app.start()
+    try:
+        assert not app.connected and not app.synced
+        assert not app.is_applied("anything")
+    finally:
+        app.stop()
+
+
+async def test_threaded_agent_takes_several_urls(dsn: str) -> None:
+    async with open_coordinator(dsn) as coord:
+        app = ThreadedAgent(["ws://127.0.0.1:1", coord.url], agent_id="django-1")
+        await trio.to_thread.run_sync(app.start)
+        try:
+            assert app.connected and app.synced
+            assert coord.agents == {"django-1"}
+        finally:
+            await trio.to_thread.run_sync(app.stop)

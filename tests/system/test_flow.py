@@ -481,7 +481,7 @@ def _free_port() -> int:
 async def test_unreachable_coordinator() -> None:
     url = f"ws://127.0.0.1:{_free_port()}"
     with pytest.raises(CoordinatorUnreachable, match=f"cannot reach the coordinator at {url}"):
-        async with open_agent(url, agent_id="app-1", connect_timeout=5):
+        async with open_agent(url, agent_id="app-1", connect_timeout=5, wait_connected=True):
             pytest.fail("connected to nothing")
 
 

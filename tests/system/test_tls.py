@@ -64,7 +64,10 @@ async def test_an_agent_that_does_not_trust_the_certificate_cannot_join(
     async with open_coordinator(dsn, ssl_context=server_context) as coord:
         with pytest.raises(CoordinatorUnreachable, match="CERTIFICATE_VERIFY_FAILED"):
             async with open_agent(
-                coord.url, agent_id="app-1", ssl_context=ssl.create_default_context()
+                coord.url,
+                agent_id="app-1",
+                ssl_context=ssl.create_default_context(),
+                wait_connected=True,
             ):
                 pass
         assert coord.agents == frozenset()

@@ -1,0 +1,297 @@
+"""What every agent knows and decides, whatever its event loop: the I/O-free half of an agent.
+
+The trio agent (`agent/client.py`) and the asyncio agent (`agent/aio.py`) only move frames and
+await hooks; everything they decide is here, once: what the hello says, whether a Welcome or a
+notice counts (the leader epoch fence), which hook a notice runs (the pure `AgentMachine`),
+what a hook's failure means, what the reply is, which migrations a reconnect must switch or
+revert, and when the agent may vouch for the schema at all (`synced`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+from collections.abc import Awaitable, Callable, Iterable
+
+from agent.errors import HandshakeRejected, StaleLeader
+from agent.inflight import InFlight
+from statemachine.agent_fsm import AgentMachine, AgentState, Hook, Step
+from statemachine.phases import Phase
+from statemachine.protocol import (
+    PROTOCOL_VERSION,
+    Ack,
+    Error,
+    Hello,
+    Nack,
+    PhaseNotice,
+    ProtocolError,
+    Welcome,
+    decode_coordinator_message,
+    encode,
+)
+
+log = logging.getLogger("lockstep.agent")
+
+
+@dataclasses.dataclass(frozen=True)
+class MigrationInfo:
+    """What a hook is told about the migration that reached it."""
+
+    migration_id: str  # "" when `resynced` (the Welcome names migrations, not ids)
+    name: str
+    phase: Phase
+    ack_timeout: float
+    #: True when the hook runs because a reconnect found the fleet had moved on without us.
+    resynced: bool = False
+
+
+HookFn = Callable[[MigrationInfo], Awaitable[object]]
+
+
+@dataclasses.dataclass(frozen=True)
+class ResyncStep:
+    """One hook a (re)join runs to match the coordinator's applied list."""
+
+    name: str
+    phase: Phase  # APPLY (switch) or ROLLBACK (revert)
+    hook: Hook
+
+    def info(self) -> MigrationInfo:
+        return MigrationInfo("", self.name, self.phase, 0.0, resynced=True)
+
+
+class EpochFence:
+    """The highest leader epoch seen: a lower non-zero one is a deposed leader's, ignored.
+
+    Epoch 0 is what a coordinator that does not send epochs implies; it is always accepted
+    and never raises the bar, so old coordinators keep working.
+    """
+
+    def __init__(self) -> None:
+        self.highest = 0
+        self._logged: set[int] = set()
+
+    def admits(self, epoch: int, agent_id: str, what: str) -> bool:
+        if epoch == 0 or epoch >= self.highest:
+            self.highest = max(self.highest, epoch)
+            return True
+        if epoch not in self._logged:  # once per stale epoch: a deposed leader may insist
+            self._logged.add(epoch)
+            log.info(
+                "agent %s: ignoring %s from a deposed coordinator (epoch %d < %d)",
+                agent_id,
+                what,
+                epoch,
+                self.highest,
+            )
+        return False
+
+
+class AgentSession:
+    """One application instance's view of the migration protocol, without any I/O."""
+
+    def __init__(
+        self,
+        agent_id: str,
+        *,
+        on_announce: HookFn | None = None,
+        on_apply: HookFn | None = None,
+        on_confirm: HookFn | None = None,
+        on_rollback: HookFn | None = None,
+    ) -> None:
+        self.agent_id = agent_id
+        self.hooks: dict[Hook, HookFn | None] = {
+            Hook.ON_ANNOUNCE: on_announce,
+            Hook.ON_APPLY: on_apply,
+            Hook.ON_CONFIRM: on_confirm,
+            Hook.ON_ROLLBACK: on_rollback,
+        }
+        self.machine = AgentMachine()
+        self.errors: list[Error] = []
+        self.connected = False
+        self.inflight = InFlight()
+        self.epochs = EpochFence()
+        #: Completed handshakes; more than one means the agent reconnected.
+        self.sessions = 0
+        #: True once the agent knows which migrations are applied: from a Welcome, or from the
+        #: durable state in PostgreSQL while no coordinator could be reached.
+        self.synced = False
+        #: Set when the app stops the agent: the close that follows is ours, not news.
+        self.leaving = False
+        #: Where the applied set came from: "coordinator", "database" or None (not synced).
+        self.synced_from: str | None = None
+
+    # ------------------------------------------------------------ for the app
+    def is_applied(self, name: str) -> bool:
+        """True once this instance switched to the schema of migration `name`."""
+        return self.machine.is_applied(name)
+
+    def using(self, name: str) -> contextlib.AbstractContextManager[bool]:
+        """Wrap one unit of work (a request, a job) that picks its queries by migration `name`.
+
+        ``with agent.using("add_email") as new: ...`` yields whether to use the new query set,
+        and holds that choice until the block ends: the agent acks APPLY only when no block
+        that chose the old set is still running (and ROLLBACK only when no block on the new
+        set is), so CONTRACT or rollback SQL never runs under work that still needs the old
+        (or new) schema. Safe to use from any thread.
+        """
+        return self.inflight.using(name, self.machine.is_applied)
+
+    @property
+    def applied(self) -> frozenset[str]:
+        return frozenset(self.machine.applied)
+
+    @property
+    def state(self) -> AgentState:
+        return self.machine.state
+
+    @property
+    def phase(self) -> Phase | None:
+        return self.machine.phase
+
+    @property
+    def seen(self) -> list[tuple[str, Phase]]:
+        """(migration name, phase) of every notice received, in order."""
+        return list(self.machine.seen)
+
+    # ------------------------------------------------------------ the handshake
+    def hello(self, token: str | None) -> str:
+        return encode(Hello(protocol=PROTOCOL_VERSION, agent_id=self.agent_id, token=token))
+
+    def read_welcome(self, frame: str | bytes) -> Welcome:
+        """The coordinator's answer to hello; `HandshakeRejected` unless it is a Welcome,
+        `StaleLeader` if a deposed coordinator sent it."""
+        try:
+            msg = decode_coordinator_message(frame)
+        except ProtocolError as exc:
+            raise HandshakeRejected(exc.code, f"unreadable answer to hello: {exc}") from None
+        if isinstance(msg, Error):
+            raise HandshakeRejected(msg.code, msg.message)
+        if not isinstance(msg, Welcome):
+            raise HandshakeRejected("protocol", f"expected welcome, got {msg!r}")
+        if not self.epochs.admits(msg.epoch, self.agent_id, "a welcome"):
+            raise StaleLeader(f"welcome from a deposed coordinator (epoch {msg.epoch})")
+        return msg
+
+    def adopt_welcome(self, welcome: Welcome) -> list[ResyncStep]:
+        """Take the Welcome's applied list; returns the hooks to run for what changed.
+
+        The first time the agent learns the applied set it simply adopts it. Once it was
+        synced (an earlier session, or the durable state at boot), a difference means the
+        fleet moved on while we were away: revert what was rolled back, switch to what
+        completed.
+        """
+        if not self.synced:
+            self.machine.applied.update(welcome.applied)
+            steps: list[ResyncStep] = []
+        else:
+            added, removed = self.machine.resync(welcome.applied)
+            steps = [
+                *(ResyncStep(n, Phase.ROLLBACK, Hook.ON_ROLLBACK) for n in sorted(removed)),
+                *(ResyncStep(n, Phase.APPLY, Hook.ON_APPLY) for n in sorted(added)),
+            ]
+        self.mark_synced("coordinator")
+        return steps
+
+    def session_started(self) -> None:
+        """The handshake (and any resync hooks) are done: the agent is a fleet member."""
+        self.sessions += 1
+        self.connected = True
+
+    def adopt_durable(self, applied: Iterable[str]) -> bool:
+        """Take the applied set read from PostgreSQL, unless a Welcome already came."""
+        if self.synced:
+            return False
+        self.machine.applied.update(applied)
+        self.mark_synced("database")
+        return True
+
+    def mark_synced(self, source: str) -> None:
+        self.synced = True
+        self.synced_from = source
+
+    def log_resync(self, step: ResyncStep) -> None:
+        log.warning(
+            "agent %s: resync after reconnect: %s %s", self.agent_id, step.phase.name, step.name
+        )
+
+    def log_resync_failure(self, step: ResyncStep) -> None:
+        log.exception("agent %s: %s hook failed during resync", self.agent_id, step.hook.value)
+
+    # ------------------------------------------------------------ notices
+    def read_frame(self, frame: str | bytes) -> PhaseNotice | None:
+        """Decode a frame after the handshake: the notice to handle, or None (logged)."""
+        try:
+            msg = decode_coordinator_message(frame)
+        except ProtocolError as exc:
+            log.error("agent %s: bad frame from coordinator: %s", self.agent_id, exc)
+            return None
+        if isinstance(msg, PhaseNotice):
+            return msg
+        if isinstance(msg, Error):
+            log.warning("agent %s: coordinator error %s: %s", self.agent_id, msg.code, msg.message)
+            self.errors.append(msg)
+        return None
+
+    def begin_notice(self, notice: PhaseNotice) -> Step | None:
+        """What to do for `notice`, or None to ignore it (a deposed coordinator sent it)."""
+        if not self.epochs.admits(notice.epoch, self.agent_id, f"{notice.phase.name} notice"):
+            return None
+        step = self.machine.on_notice(
+            notice.migration_id, notice.migration, notice.phase, notice.ack_required
+        )
+        if step.problem:
+            log.warning("agent %s: %s", self.agent_id, step.problem)
+        return step
+
+    @staticmethod
+    def hook_info(notice: PhaseNotice) -> MigrationInfo:
+        return MigrationInfo(
+            notice.migration_id, notice.migration, notice.phase, notice.ack_timeout
+        )
+
+    def hook_raised(self, notice: PhaseNotice, hook: Hook, exc: Exception) -> str:
+        """The app's hook failed: record it in the machine; returns the NACK text."""
+        error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        log.warning("agent %s: %s hook failed: %s", self.agent_id, hook.value, error)
+        self.machine.hook_failed(notice.phase)
+        return error
+
+    def hook_returned(self, notice: PhaseNotice) -> None:
+        self.machine.hook_succeeded(notice.phase)
+
+    @staticmethod
+    def drain_target(notice: PhaseNotice) -> tuple[str, bool] | None:
+        """After switching (APPLY) or reverting (ROLLBACK), the (name, version) of work that
+        must end before the ack; None for the other phases."""
+        if notice.phase not in (Phase.APPLY, Phase.ROLLBACK):
+            return None
+        return notice.migration, notice.phase is Phase.ROLLBACK  # the version just left
+
+    def drain_failure(self, notice: PhaseNotice) -> str:
+        """The NACK text when work on the version just left outlived the ack timeout."""
+        target = self.drain_target(notice)
+        assert target is not None
+        left = self.inflight.count(*target)
+        return (
+            f"{left} unit(s) of work on the {'new' if target[1] else 'old'} query set of "
+            f"{notice.migration!r} still running after {notice.ack_timeout:g} s"
+        )
+
+    @staticmethod
+    def reply(notice: PhaseNotice, error: str | None) -> str:
+        if error is None:
+            return encode(Ack(migration_id=notice.migration_id, phase=notice.phase))
+        return encode(
+            Nack(migration_id=notice.migration_id, phase=notice.phase, error=error[:4000])
+        )
+
+    def lost(self, reason: object) -> None:
+        if self.leaving:
+            log.debug("agent %s: left the coordinator: %s", self.agent_id, reason)
+            return
+        log.warning("agent %s: coordinator closed the connection: %s", self.agent_id, reason)
+
+
+__all__ = ["AgentSession", "EpochFence", "HookFn", "MigrationInfo", "ResyncStep"]
