@@ -13,6 +13,7 @@ from pathlib import Path
 from rich.console import Console
 
 from coordinator.cli import config, options
+from coordinator.cli.failures import CommandError
 from coordinator.cli.output import safe
 from coordinator.pg.attempts import DEFAULT_STATEMENT_TIMEOUT, RetryPolicy
 
@@ -92,12 +93,12 @@ def server_tls(cert: Path | None, key: Path | None) -> ssl.SSLContext | None:
     if cert is None and key is None:
         return None
     if cert is None or key is None:
-        raise config.ConfigError("--tls-cert and --tls-key go together")
+        raise CommandError("--tls-cert and --tls-key go together")
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     try:
         context.load_cert_chain(cert, key)
     except (OSError, ssl.SSLError) as exc:
-        raise config.ConfigError(f"cannot load the TLS certificate {cert} / key {key}: {exc}") from exc
+        raise CommandError(f"cannot load the TLS certificate {cert} / key {key}: {exc}") from exc
     return context
 
 

@@ -15,22 +15,13 @@ from typing import TYPE_CHECKING, TypeAlias
 
 from rich.console import Console
 
-from statemachine.exceptions import LockstepError
+from coordinator.cli.failures import CommandError
 
 if TYPE_CHECKING:
     # Generic only in typeshed: subscripting it at run time raises TypeError.
     Subparsers: TypeAlias = argparse._SubParsersAction[argparse.ArgumentParser]
 
 __all__ = ["CommandError", "Subparsers", "stderr_console", "stdout_console"]
-
-
-class CommandError(LockstepError):
-    """Raised by a command for an expected failure: shown as ``error: <message>`` (plus
-    optional indented details), exit status 1, never a traceback."""
-
-    def __init__(self, message: str, *, details: str | None = None) -> None:
-        super().__init__(message)
-        self.details = details
 
 
 def stdout_console() -> Console:
