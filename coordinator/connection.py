@@ -54,6 +54,10 @@ class ConnectionHost(Protocol):
     fleet: Fleet
     events: EventBus
     heartbeat_interval: float
+
+    @property
+    def epoch(self) -> int: ...
+
     handshake_timeout: float
     token: str | None
     shared_token: bool
@@ -140,6 +144,7 @@ async def serve_connection(
             applied=coordinator.applied_names(),
             # JSON has no infinity (msgspec writes null, which agents reject): 0 = no pings.
             heartbeat_interval=_wire_interval(coordinator.heartbeat_interval),
+            epoch=coordinator.epoch,
         )
         await ws.send_message(encode(welcome))
         async with trio.open_nursery() as nursery:

@@ -41,15 +41,12 @@ from statemachine.gate import admit
 from statemachine.ledger import AckOutcome
 from statemachine.migration import Migration
 from statemachine.phases import MigrationStatus, Phase
-from statemachine.protocol import Ack, Nack
+from statemachine.protocol import CLOSE_NOT_LEADER, Ack, Nack
 from statemachine.result import MigrationResult
 from statemachine.sql import build_plan
 from statemachine.sql.catalog import Catalog
 
 log = logging.getLogger("lockstep.coordinator")
-
-#: Close code of a standby refusing an agent: "not the leader, try another URL".
-CLOSE_NOT_LEADER = 4011
 
 
 @dataclasses.dataclass
@@ -109,6 +106,11 @@ class Coordinator:
     def agents(self) -> frozenset[str]:
         """Ids of the agents connected right now."""
         return self.fleet.agent_ids
+
+    @property
+    def epoch(self) -> int:
+        """The leader epoch this coordinator acts under now (0: it holds no lead)."""
+        return self.history.epoch
 
     @property
     def in_flight(self) -> MigrationRun | None:

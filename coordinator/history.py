@@ -130,6 +130,9 @@ class HistoryRow:
 class History(Protocol):
     """Where the coordinator keeps migrations: the history and the durable run state."""
 
+    #: The leader epoch this history writes under (0: none), sent to agents in every frame.
+    epoch: int
+
     async def applied(self) -> list[AppliedMigration]: ...
 
     async def unfinished(self) -> list[UnfinishedRun]:
@@ -184,6 +187,7 @@ class InMemoryHistory:
     process, so there is never anything to resume)."""
 
     def __init__(self) -> None:
+        self.epoch = 0
         self.rows: dict[str, tuple[Migration, MigrationResult | None]] = {}
         self.checkpoints: dict[str, Checkpoint] = {}
         self._lock = trio.Lock()

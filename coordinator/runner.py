@@ -271,6 +271,7 @@ class MigrationRun:
                 phase=phase,
                 ack_required=ack_required,
                 ack_timeout=self.ack_timeout,
+                epoch=self.history.epoch if self.history is not None else 0,
             )
         )
 

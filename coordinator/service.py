@@ -31,7 +31,7 @@ from typing import Any
 import psycopg
 import trio
 
-from coordinator.core import CLOSE_NOT_LEADER, Coordinator
+from coordinator.core import Coordinator
 from coordinator.executor import PostgresExecutor
 from coordinator.history import PostgresHistory
 from coordinator.http import PostgresProbe, serve_http
@@ -43,6 +43,7 @@ from coordinator.queue import CHANNEL, abort_requested, mark_not_run, next_queue
 from coordinator.server import serve_bounded
 from statemachine.exceptions import AlreadyApplied, unwrap_single_group
 from statemachine.gate import MigrationRejected
+from statemachine.protocol import CLOSE_NOT_LEADER
 
 log = logging.getLogger("lockstep.coordinator")
 

@@ -14,10 +14,10 @@ import trio
 from trio_websocket import ConnectionClosed
 
 from agent import MigrationInfo, open_agent
-from coordinator.core import CLOSE_NOT_LEADER
 from coordinator.queue import AbortRefused, SubmitRefused, request_abort, submit
 from coordinator.service import Service, open_service
 from statemachine import Migration
+from statemachine.protocol import CLOSE_NOT_LEADER
 from tests.support.flow import columns, hang, make_users, raw_client, say_hello
 
 ADD_EMAIL = "ALTER TABLE users ADD COLUMN email text"
@@ -72,9 +72,12 @@ async def test_submitting_is_idempotent_and_refuses_changed_sql(dsn: str) -> Non
             await submit(dsn, [changed])
 
 
-async def test_a_standby_refuses_agents_with_the_not_leader_code(dsn: str) -> None:
+async def test_the_leader_says_its_epoch_and_a_standby_refuses_agents_as_not_leader(dsn: str) -> None:
     async with open_service(dsn, **FAST) as leader:
         await leader.wait_until_leader()
+        async with raw_client(leader.url) as ws:
+            welcome = await say_hello(ws, "a0")
+        assert welcome.epoch == leader.epoch() > 0, "agents could not tell a deposed leader"
         async with open_service(dsn, **FAST) as standby:
             await trio.sleep(0.3)
             assert not standby.is_leader()
