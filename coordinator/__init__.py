@@ -16,8 +16,12 @@ if TYPE_CHECKING:
     from coordinator.core import Coordinator, open_coordinator, serve_coordinator
     from coordinator.executor import Executor, PostgresExecutor
     from coordinator.history import InMemoryHistory, PostgresHistory
+    from coordinator.leader import Deposed, LeadershipLost
     from coordinator.pg.attempts import LockRetry, RetryPolicy
-    from coordinator.pg.errors import SqlFailure
+    from coordinator.pg.errors import DatabaseFailed, SqlFailure
+    from coordinator.queue import request_abort, submit, watch
+    from coordinator.service import Service, open_service
+    from coordinator.snapshot import read_snapshot
     from statemachine.exceptions import AlreadyApplied
     from statemachine.gate import MigrationRejected
 
@@ -35,6 +39,15 @@ _EXPORTS = {
     "RetryPolicy": "coordinator.pg.attempts",
     "SqlFailure": "coordinator.pg.errors",
     "open_coordinator": "coordinator.core",
+    "open_service": "coordinator.service",
+    "Service": "coordinator.service",
+    "submit": "coordinator.queue",
+    "watch": "coordinator.queue",
+    "request_abort": "coordinator.queue",
+    "read_snapshot": "coordinator.snapshot",
+    "Deposed": "coordinator.leader",
+    "LeadershipLost": "coordinator.leader",
+    "DatabaseFailed": "coordinator.pg.errors",
     "serve_coordinator": "coordinator.core",
 }
 
@@ -42,16 +55,25 @@ __all__ = [
     "AlreadyApplied",
     "BackfillProgress",
     "Coordinator",
+    "DatabaseFailed",
+    "Deposed",
     "Executor",
     "InMemoryHistory",
+    "LeadershipLost",
     "LockRetry",
     "MigrationRejected",
     "PostgresExecutor",
     "PostgresHistory",
     "RetryPolicy",
+    "Service",
     "SqlFailure",
     "open_coordinator",
+    "open_service",
+    "read_snapshot",
+    "request_abort",
     "serve_coordinator",
+    "submit",
+    "watch",
 ]
 
 
