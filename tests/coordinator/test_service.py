@@ -72,7 +72,7 @@ async def test_submitting_is_idempotent_and_refuses_changed_sql(dsn: str) -> Non
             await submit(dsn, [changed])
 
 
-async def test_the_leader_says_its_epoch_and_a_standby_refuses_agents_as_not_leader(dsn: str) -> None:
+async def test_the_leader_says_its_epoch_and_a_standby_refuses_agents(dsn: str) -> None:
     async with open_service(dsn, **FAST) as leader:
         await leader.wait_until_leader()
         async with raw_client(leader.url) as ws:
