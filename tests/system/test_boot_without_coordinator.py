@@ -112,8 +112,10 @@ async def test_app_boots_on_the_durable_state_then_joins(dsn: str, state: str) -
             print(f"joined {trio.current_time() - joining:.3f} s after the coordinator came up")
             assert coord.agents == {"app-1"}
             assert agent.synced_from == "coordinator"
-            # The coordinator's Welcome agrees with what the database said.
-            assert agent.is_applied("add_email") is STATES[state]
+            # The coordinator's Welcome agrees with what the database said (a run resumed from
+            # ANNOUNCE may already be past EXECUTE by now: then it is applied, rightly).
+            if state != "announce":
+                assert agent.is_applied("add_email") is STATES[state]
             assert agent.sessions == 1
             if state in ("announce", "apply", "confirm"):  # the coordinator resumes it
                 result = await coord.run_migration(MIGRATION)
