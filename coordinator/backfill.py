@@ -71,6 +71,7 @@ from statemachine.sql import SqlSyntaxError, parse_statement
 
 T = TypeVar("T")
 
+
 @dataclasses.dataclass(frozen=True)
 class BackfillProgress(SqlProgress):
     """A batch committed: totals so far for `table`, and how the batch went.
