@@ -85,7 +85,7 @@ class BackfillProgress(SqlProgress):
     rows: int
     size: int = 0
     seconds: float = 0.0
-    signals: BatchSignals = BatchSignals()
+    signals: BatchSignals = dataclasses.field(default_factory=BatchSignals)
     next_size: int = 0
 
 
@@ -268,10 +268,11 @@ class _Backfill:
 
     def _batch(self, conn: psycopg.Connection[Any], size: int) -> BatchOutcome:
         """One batch and its position in one transaction (runs in the worker thread)."""
+        params: dict[str, int | str] = {"limit": size}
         if self.last is None:
-            sql_text, params = self.query.first, {"limit": size}
+            sql_text = self.query.first
         else:
-            sql_text, params = self.query.next, {"limit": size, "last": self.last}
+            sql_text, params["last"] = self.query.next, self.last
         t0 = time.monotonic()
         with conn.transaction():
             row = conn.execute(sql_text.encode(), params).fetchone()
