@@ -28,7 +28,7 @@ COMMENT ON TABLE items IS 'counted';
 -- lockstep:rollback
 COMMENT ON TABLE items IS NULL;
 -- lockstep:backfill
-table=items set="hits = hits + 1, visited_at = clock_timestamp()" batch_size=50 pacing=fixed delay=0.05
+table=items set="hits = hits + 1, visited_at = now()" batch_size=50 pacing=fixed delay=0.05
 """
 
 
