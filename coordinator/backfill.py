@@ -108,6 +108,13 @@ class BatchQuery:
 
 
 def _batch_sql(backfill: Backfill, *, after: str | None, limit: str) -> str:
+    """The batch: select the next `limit` keys, update their rows, return the last key.
+
+    The UPDATE names its rows as ``key = ANY (ARRAY (...))`` rather than ``key IN (SELECT
+    ...)``: the planner cannot see the CTE's size in a join and, on a table of a few hundred
+    thousand rows, hashes the batch and scans the whole table for every batch (measured:
+    ~35 ms per 1,000-row batch on 200,000 rows); an array of keys is always an index scan.
+    """
     key, table = backfill.key, backfill.table
     conditions = []
     if backfill.where:
@@ -120,7 +127,7 @@ def _batch_sql(backfill: Backfill, *, after: str | None, limit: str) -> str:
         f"WITH lockstep_batch AS (SELECT {key} AS k FROM {table}{where} "
         f"ORDER BY {key} LIMIT {limit}), "
         f"lockstep_updated AS (UPDATE {table} SET {backfill.set} "
-        f"WHERE {key} IN (SELECT k FROM lockstep_batch){recheck} RETURNING 1) "
+        f"WHERE {key} = ANY (ARRAY (SELECT k FROM lockstep_batch)){recheck} RETURNING 1) "
         "SELECT (SELECT k FROM lockstep_batch ORDER BY k DESC LIMIT 1)::text, "
         "(SELECT count(*) FROM lockstep_batch), (SELECT count(*) FROM lockstep_updated)"
     )
