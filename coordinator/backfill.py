@@ -114,6 +114,8 @@ def _batch_sql(backfill: Backfill, *, after: str | None, limit: str) -> str:
     ...)``: the planner cannot see the CTE's size in a join and, on a table of a few hundred
     thousand rows, hashes the batch and scans the whole table for every batch (measured:
     ~35 ms per 1,000-row batch on 200,000 rows); an array of keys is always an index scan.
+    The last key is cast to text *outside* its sub-select: inside, ``ORDER BY k`` would sort
+    by the text output column of that name ('9' after '10').
     """
     key, table = backfill.key, backfill.table
     conditions = []

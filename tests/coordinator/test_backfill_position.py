@@ -7,6 +7,7 @@ SIGKILL version with a real coordinator process is test_backfill_crash.py.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 
 import psycopg
@@ -69,7 +70,7 @@ COUNT = Backfill("items", "hits = hits + 1", key="k", batch_size=3, pacing="fixe
 @pytest.mark.parametrize(
     ("key_type", "key_values", "last"),
     [
-        ("int", "g", "12"),  # 9 -> 10 crosses the text order: the key compares as an int
+        ("int", "g", "12"),
         ("text", "'u' || lpad(g::text, 3, '0')", "u012"),
         ("uuid", "('00000000-0000-0000-0000-' || lpad(g::text, 12, '0'))::uuid", None),
         ("timestamptz", "'2026-01-01 00:00:00.000001+00'::timestamptz + g * interval '1 h'", None),
@@ -82,13 +83,15 @@ async def test_every_key_type_round_trips_and_each_row_is_done_once(
 ) -> None:
     make_table(dsn, key_type, key_values, 12)
     positions = await positions_store(dsn)
+    # Batches of 5: the second one (6..10) is where text order and int order disagree.
+    by_five = dataclasses.replace(COUNT, batch_size=5)
     stats = await run_backfill(
-        LockSafeSession(dsn), COUNT, Reporter("m"), positions=positions, index=0
+        LockSafeSession(dsn), by_five, Reporter("m"), positions=positions, index=0
     )
-    assert (stats.rows, stats.batches, stats.complete) == (12, 4, True)
+    assert (stats.rows, stats.batches, stats.complete) == (12, 3, True)
     assert scalar(dsn, "SELECT array_agg(DISTINCT hits) FROM items") == [1]
     last_key, rows, batches, complete = stored(dsn)
-    assert (rows, batches, complete) == (12, 4, True)
+    assert (rows, batches, complete) == (12, 3, True)
     # The stored text casts back to the largest key exactly.
     expected = last or scalar(dsn, "SELECT k::text FROM items ORDER BY k DESC LIMIT 1")
     assert last_key == expected
@@ -250,3 +253,31 @@ async def test_the_signals_see_a_session_waiting_on_the_batchs_lock(dsn: str) ->
             batch.rollback()
             thread.join(10)
     assert waiter_done.is_set()
+
+
+async def test_each_backfill_of_a_run_keeps_its_own_position(dsn: str) -> None:
+    make_table(dsn, "int", "g", 7)
+    execute(dsn, "CREATE TABLE others AS SELECT g AS k, 0 AS hits FROM generate_series(1, 4) g")
+    execute(dsn, "ALTER TABLE others ADD PRIMARY KEY (k)")
+    migration = Migration(
+        "two",
+        ["COMMENT ON TABLE items IS 'x'"],
+        rollback_sql=[],
+        backfills=[
+            Backfill("items", "hits = hits + 1", key="k", batch_size=3, pacing="fixed"),
+            Backfill("others", "hits = hits + 1", key="k", batch_size=3, pacing="fixed"),
+        ],
+    )
+    async with open_coordinator(dsn) as coord:
+        with trio.fail_after(60):
+            result = await coord.run_migration(migration)
+    assert result.status is MigrationStatus.COMPLETED, result.reason
+    assert [(b.table, b.rows) for b in result.backfills] == [("items", 7), ("others", 4)]
+    with psycopg.connect(dsn) as conn:
+        rows = conn.execute(
+            "SELECT backfill, last_key, rows, batches, complete FROM lockstep.backfill_position "
+            "WHERE migration_id = %s ORDER BY backfill",
+            (migration.id,),
+        ).fetchall()
+    assert rows == [(0, "7", 7, 3, True), (1, "4", 4, 2, True)]
+    assert scalar(dsn, "SELECT array_agg(DISTINCT hits) FROM others") == [1]
