@@ -51,6 +51,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
+import statistics
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
@@ -62,14 +64,15 @@ from coordinator.events import Reporter, SqlProgress
 from coordinator.history import BackfillPosition, BackfillPositionStore
 from coordinator.pg import thread as pgthread
 from coordinator.pg.attempts import AttemptOutcome, LockSafeSession
-from coordinator.pg.errors import SqlFailure
-from statemachine.backfill_pacing import BatchSignals, PacingPolicy, next_pace
+from coordinator.pg.errors import SqlFailure, pg_message
+from statemachine.backfill_pacing import BatchSignals, Pace, PacingPolicy, next_pace
 from statemachine.migration import Backfill
 from statemachine.phases import Phase
 from statemachine.result import BackfillStats
 from statemachine.sql import SqlSyntaxError, parse_statement
 
 T = TypeVar("T")
+log = logging.getLogger("lockstep.coordinator")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,7 +80,8 @@ class BackfillProgress(SqlProgress):
     """A batch committed: totals so far for `table`, and how the batch went.
 
     `size` is the batch's limit, `seconds` its time (start to commit), `signals` what it saw
-    just before committing; `next_size` is what the pacing chose for the next batch.
+    just before committing; `next_size`, `rest` and `why` are what the pacing chose for the
+    next batch: its size, the sleep before it, and the reason.
     """
 
     table: str
@@ -87,6 +91,8 @@ class BackfillProgress(SqlProgress):
     seconds: float = 0.0
     signals: BatchSignals = dataclasses.field(default_factory=BatchSignals)
     next_size: int = 0
+    rest: float = 0.0
+    why: str = ""
 
 
 class BackfillFailed(SqlFailure):
@@ -179,7 +185,12 @@ def batch_query(backfill: Backfill) -> BatchQuery:
 SIGNALS_SQL = (
     "SELECT (SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
     "AND pg_backend_pid() = ANY (pg_blocking_pids(pid))), "
-    "(SELECT extract(epoch FROM max(replay_lag))::float8 FROM pg_stat_replication)"
+    "(SELECT extract(epoch FROM max(replay_lag))::float8 FROM pg_stat_replication), "
+    "(SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend' "
+    "AND pid <> pg_backend_pid() AND ("
+    "(wait_event_type = 'LWLock' AND wait_event IN ('WALWrite', 'WALInsert', 'WALBufMapping')) "
+    "OR (wait_event_type = 'IO' AND wait_event IN ('WalSync', 'WalWrite')) "
+    "OR (wait_event_type = 'IPC' AND wait_event = 'SyncRep')))"
 )
 
 
@@ -236,6 +247,78 @@ async def _open_batch_connection(session: LockSafeSession) -> AsyncIterator[_Bat
         await batches.close()
 
 
+#: A transaction that writes nothing but its commit record: its time is a WAL flush, what
+#: every application commit waits for.
+PROBE_SQL = "SELECT pg_current_xact_id()"
+#: Probe commits before the first batch (their median is the baseline) and the pause
+#: between two probes while a batch runs.
+PROBE_BASELINE_COUNT = 5
+PROBE_INTERVAL = 0.01
+
+
+class CommitProbe:
+    """Times probe commits on a connection of its own (`PROBE_SQL`), to see what the
+    application's commits take while a batch runs. Best effort: if the probe's connection
+    fails, the backfill goes on without it (`broken`)."""
+
+    def __init__(self, dsn: str) -> None:
+        self.dsn = dsn
+        self.conn: psycopg.Connection[Any] | None = None
+        self.broken = False
+
+    async def once(self) -> float | None:
+        """One probe commit's seconds; None once the probe is broken."""
+        if self.broken:
+            return None
+        try:
+            if self.conn is None:
+                self.conn = await pgthread.connect(self.dsn, autocommit=True)
+            conn = self.conn
+
+            def commit() -> float:
+                t0 = time.monotonic()
+                conn.execute(PROBE_SQL)
+                return time.monotonic() - t0
+
+            # Not run_in_thread: a probe takes a millisecond, so it is let finish, never
+            # cancelled on the server.
+            with trio.CancelScope(shield=True):
+                seconds = await trio.to_thread.run_sync(commit)
+        except psycopg.Error as exc:
+            log.warning("backfill: commit probe stopped: %s", pg_message(exc))
+            self.broken = True
+            return None
+        return seconds
+
+    async def baseline(self) -> float | None:
+        """The median of a few probe commits before the backfill writes anything."""
+        seen = []
+        for _ in range(PROBE_BASELINE_COUNT):
+            seconds = await self.once()
+            if seconds is None:
+                return None
+            seen.append(seconds)
+            await trio.sleep(PROBE_INTERVAL)
+        return statistics.median(seen)
+
+    async def during(self, done: trio.Event, seen: list[float]) -> None:
+        """Probe every `PROBE_INTERVAL` until `done` is set, appending to `seen`."""
+        while True:
+            with trio.move_on_after(PROBE_INTERVAL):
+                await done.wait()
+            if done.is_set():
+                return
+            seconds = await self.once()
+            if seconds is None:
+                return
+            seen.append(seconds)
+
+    async def close(self) -> None:
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            await pgthread.close(conn)
+
+
 class _Backfill:
     """One backfill's run: its position, totals and pacing (see `run_backfill`)."""
 
@@ -254,6 +337,7 @@ class _Backfill:
         self.index = index
         self.query = batch_query(backfill)
         self.policy = PacingPolicy.of(backfill)
+        self.probe = CommitProbe(session.dsn)
         self.started = time.monotonic()
         self.size = self.policy.start
         self.last: str | None = None
@@ -289,7 +373,11 @@ class _Backfill:
             last_key, selected, updated = row[0], int(row[1]), int(row[2])
             seen = conn.execute(SIGNALS_SQL).fetchone()
             assert seen is not None
-            signals = BatchSignals(int(seen[0]), None if seen[1] is None else float(seen[1]))
+            signals = BatchSignals(
+                blocked_sessions=int(seen[0]),
+                replication_lag=None if seen[1] is None else float(seen[1]),
+                wal_waits=int(seen[2]),
+            )
             if self.positions is not None:
                 done = selected < size
                 self.positions.save(
@@ -307,10 +395,35 @@ class _Backfill:
     async def _attempt(self, batches: _BatchConnection, size: int) -> AttemptOutcome[BatchOutcome]:
         conn = await batches.get()
         try:
-            value = await pgthread.run_in_thread(conn, lambda: self._batch(conn, size))
+            value, probes = await self._probed(conn, size)
         except psycopg.Error as exc:  # run_in_thread raises it bare
             return AttemptOutcome(None, exc, self.query.display, [], conn.info.backend_pid)
+        if probes:
+            signals = dataclasses.replace(value.signals, commit_seconds=statistics.median(probes))
+            value = dataclasses.replace(value, signals=signals)
         return AttemptOutcome(value, None, self.query.display, [], conn.info.backend_pid)
+
+    async def _probed(
+        self, conn: psycopg.Connection[Any], size: int
+    ) -> tuple[BatchOutcome, list[float]]:
+        """One batch, with probe commits timed while it runs (when the policy watches them)."""
+        if self.policy.commit_baseline is None:
+            return await pgthread.run_in_thread(conn, lambda: self._batch(conn, size)), []
+        probes: list[float] = []
+        done = trio.Event()
+        value: list[BatchOutcome] = []
+        failure: list[BaseException] = []
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self.probe.during, done, probes)
+            try:
+                value.append(await pgthread.run_in_thread(conn, lambda: self._batch(conn, size)))
+            except BaseException as exc:  # re-raised bare below, never inside a group
+                failure.append(exc)
+            finally:
+                done.set()
+        if failure:
+            raise failure[0]
+        return value[0], probes
 
     async def _resume(self, batches: _BatchConnection) -> bool:
         """Continue from the stored position, if any; True if the backfill already finished."""
@@ -340,11 +453,20 @@ class _Backfill:
         return False
 
     async def run(self) -> BackfillStats:
+        try:
+            return await self._run()
+        finally:
+            await self.probe.close()
+
+    async def _run(self) -> BackfillStats:
         backfill, report = self.backfill, self.report
         report.say(Phase.EXECUTE, f"backfill {backfill.table}: {self.query.display}")
         async with _open_batch_connection(self.session) as batches:
             if await self._resume(batches):
                 return self.stats(True)
+            if self.policy.adaptive:
+                baseline = await self.probe.baseline()
+                self.policy = dataclasses.replace(self.policy, commit_baseline=baseline)
             while True:
                 size = self.size
 
@@ -373,7 +495,7 @@ class _Backfill:
                 self.last = outcome.last_key
                 pace = next_pace(self.policy, size, outcome.seconds, outcome.signals)
                 self.size = pace.size
-                self._progress(outcome, size, pace.size)
+                self._progress(outcome, size, pace)
                 if outcome.selected < size:
                     break  # a short batch was the last one: no need to ask for an empty one
                 if pace.sleep or backfill.delay:
@@ -386,7 +508,7 @@ class _Backfill:
         )
         return done
 
-    def _progress(self, outcome: BatchOutcome, size: int, next_size: int) -> None:
+    def _progress(self, outcome: BatchOutcome, size: int, pace: Pace) -> None:
         table = self.backfill.table
         self.report.event(
             BackfillProgress(
@@ -400,7 +522,9 @@ class _Backfill:
                 size=size,
                 seconds=outcome.seconds,
                 signals=outcome.signals,
-                next_size=next_size,
+                next_size=pace.size,
+                rest=pace.sleep,
+                why=pace.why,
             )
         )
 

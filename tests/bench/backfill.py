@@ -94,6 +94,9 @@ class ModeRow:
     median_batch: int = 0
     largest_batch: int = 0
     blocked_batches: int = 0
+    wal_batches: int = 0
+    rests: int = 0
+    rest_seconds: float = 0.0
     error: str | None = None
 
     @property
@@ -133,6 +136,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=_modes,
         default=MODES,
         help=f"modes to run, comma-separated (default {','.join(MODES)})",
+    )
+    p.add_argument(
+        "--target-seconds",
+        type=options.positive,
+        default=Backfill("t", "x").target_seconds,
+        help="the adaptive mode's target time per batch (the default of Backfill)",
     )
     p.add_argument("--dsn", help="PostgreSQL server to use (default: $LOCKSTEP_DSN or embedded)")
     p.add_argument(
@@ -204,10 +213,10 @@ def legacy_fixed(dsn: str) -> int:
             return rows
 
 
-def _backfill(mode: str) -> Backfill:
+def _backfill(mode: str, target_seconds: float) -> Backfill:
     if mode == "fixed":
         return Backfill("items", "copy = name", batch_size=1000, pacing="fixed")
-    return Backfill("items", "copy = name")
+    return Backfill("items", "copy = name", target_seconds=target_seconds)
 
 
 async def _run_mode(dsn: str, mode: str, args: argparse.Namespace) -> ModeRow:
@@ -242,7 +251,7 @@ async def _run_mode(dsn: str, mode: str, args: argparse.Namespace) -> ModeRow:
                     f"bench_{mode}",
                     ["COMMENT ON TABLE items IS 'backfill benchmark'"],
                     rollback_sql=[],
-                    backfills=[_backfill(mode)],
+                    backfills=[_backfill(mode, args.target_seconds)],
                 )
                 async with open_coordinator(dsn) as coordinator:
                     coordinator.subscribe(note)
@@ -271,6 +280,9 @@ async def _run_mode(dsn: str, mode: str, args: argparse.Namespace) -> ModeRow:
         median_batch=int(statistics.median(sizes)) if sizes else 0,
         largest_batch=max(sizes, default=0),
         blocked_batches=sum(1 for p in progress if p.signals.blocked_sessions),
+        wal_batches=sum(1 for p in progress if p.signals.wal_waits),
+        rests=sum(1 for p in progress if p.rest),
+        rest_seconds=sum(p.rest for p in progress),
         error=error,
     )
 
@@ -292,7 +304,8 @@ _HEADERS = [
     "rows/s",
     "batches",
     "median / largest batch",
-    "batches that blocked the app",
+    "batches that saw app lock / WAL waits",
+    "rests (s)",
     "app queries",
     "failed",
     "app p50 / p99 / max ms",
@@ -311,7 +324,8 @@ def _cells(row: ModeRow) -> list[str]:
         f"{row.median_batch:,} / {row.largest_batch:,}"
         if backfill
         else ("1,000 / 1,000" if row.mode == "before" else "-"),
-        f"{row.blocked_batches:,}" if backfill else "-",
+        f"{row.blocked_batches:,} / {row.wal_batches:,}" if backfill else "-",
+        f"{row.rests:,} ({row.rest_seconds:.1f})" if backfill else "-",
         f"{row.latency.count:,}",
         str(row.failed),
         row.latency.text(),

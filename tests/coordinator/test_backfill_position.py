@@ -15,7 +15,13 @@ import pytest
 import trio
 
 from coordinator import open_coordinator
-from coordinator.backfill import SIGNALS_SQL, BackfillProgress, run_backfill
+from coordinator.backfill import (
+    PROBE_BASELINE_COUNT,
+    SIGNALS_SQL,
+    BackfillProgress,
+    CommitProbe,
+    run_backfill,
+)
 from coordinator.events import Event, Reporter
 from coordinator.history import (
     BackfillPosition,
@@ -224,13 +230,44 @@ async def test_a_slow_batch_shrinks_the_next_one_at_once(dsn: str) -> None:
     assert sizes[2] == 5
     assert stats.rows == 60
     assert scalar(dsn, "SELECT array_agg(DISTINCT hits) FROM items") == [1]
+    # Batches of 0.2 s are long enough for probe commits, timed while each one ran.
+    probed = [e.signals.commit_seconds for e in events if isinstance(e, BackfillProgress)]
+    assert all(seconds is not None and seconds > 0 for seconds in probed), probed
+
+
+async def test_fixed_batches_make_no_probe_commits(dsn: str) -> None:
+    make_table(dsn, "int", "g", 6)
+    slow = Backfill(
+        "items",
+        "hits = hits + 1 + (SELECT 0 FROM pg_sleep(0.1))",
+        key="k",
+        batch_size=3,
+        pacing="fixed",
+    )
+    events: list[Event] = []
+    await run_backfill(LockSafeSession(dsn), slow, Reporter("m", events.append))
+    probed = [e.signals.commit_seconds for e in events if isinstance(e, BackfillProgress)]
+    assert probed == [None, None]
+
+
+async def test_a_probe_commit_is_a_real_commit(dsn: str) -> None:
+    probe = CommitProbe(dsn)
+    try:
+        before = scalar(dsn, "SELECT pg_current_xact_id()::text::bigint")
+        baseline = await probe.baseline()
+        after = scalar(dsn, "SELECT pg_current_xact_id()::text::bigint")
+    finally:
+        await probe.close()
+    assert baseline is not None and baseline > 0
+    assert isinstance(before, int) and isinstance(after, int)
+    assert after - before > PROBE_BASELINE_COUNT  # each probe took a transaction id
 
 
 async def test_the_signals_see_a_session_waiting_on_the_batchs_lock(dsn: str) -> None:
     make_table(dsn, "int", "g", 3)
     with psycopg.connect(dsn) as batch:
         batch.execute("UPDATE items SET hits = 1 WHERE k = 1")
-        assert batch.execute(SIGNALS_SQL).fetchone() == (0, None)
+        assert batch.execute(SIGNALS_SQL).fetchone() == (0, None, 0)
         waiter_done = threading.Event()
 
         def wait_on_the_row() -> None:
@@ -246,7 +283,7 @@ async def test_the_signals_see_a_session_waiting_on_the_batchs_lock(dsn: str) ->
                     # pg_stat_activity is read once per transaction; a batch reads it once.
                     batch.execute("SELECT pg_stat_clear_snapshot()")
                     row = batch.execute(SIGNALS_SQL).fetchone()
-                    if row == (1, None):
+                    if row is not None and row[:2] == (1, None):
                         break
                     await trio.sleep(0.02)
         finally:

@@ -6,10 +6,13 @@ import pytest
 
 from statemachine import Backfill, InvalidMigration, Migration
 from statemachine.backfill_pacing import (
+    COMMIT_MARGIN,
     MAX_GROWTH,
     MAX_LAG_SLEEP,
+    MAX_REST,
     BatchSignals,
     PacingPolicy,
+    commit_slowdown,
     next_pace,
 )
 from statemachine.sql.files import MigrationFileError, parse_migration_text
@@ -60,6 +63,34 @@ def test_replication_lag_halves_and_sleeps_for_the_excess() -> None:
 def test_lag_within_the_limit_and_no_standby_change_nothing() -> None:
     for signals in (BatchSignals(replication_lag=0.9), BatchSignals(replication_lag=None)):
         assert next_pace(POLICY, 1000, 0.005, signals) == next_pace(POLICY, 1000, 0.005, QUIET)
+
+
+WATCHED = PacingPolicy(start=1000, commit_baseline=0.002)  # limit: 2x, i.e. 4 ms
+
+
+def test_slow_commits_rest_in_proportion_and_stop_growth() -> None:
+    pace = next_pace(WATCHED, 1000, 0.01, BatchSignals(commit_seconds=0.008))  # 2x the limit
+    assert pace.size == 1000  # would have doubled
+    assert pace.sleep == pytest.approx(0.02)  # the batch's time, times 2
+    assert pace.why == "commits 2.0x over their limit"
+    worst = next_pace(WATCHED, 1000, 0.01, BatchSignals(commit_seconds=1.0))
+    assert worst.sleep == pytest.approx(0.01 * MAX_REST)
+
+
+def test_commits_within_the_limit_or_unwatched_change_nothing() -> None:
+    fast = next_pace(WATCHED, 1000, 0.01, QUIET)
+    for signals in (BatchSignals(commit_seconds=0.004), BatchSignals(commit_seconds=None)):
+        assert next_pace(WATCHED, 1000, 0.01, signals) == fast
+    unwatched = next_pace(POLICY, 1000, 0.01, BatchSignals(commit_seconds=10.0))
+    assert unwatched == next_pace(POLICY, 1000, 0.01, QUIET)
+
+
+def test_the_commit_limit_has_an_absolute_margin_for_fast_disks() -> None:
+    fast_disk = PacingPolicy(start=1000, commit_baseline=0.0001)
+    # 3x a 0.1 ms baseline is within the 1 ms margin: no rest.
+    assert commit_slowdown(fast_disk, BatchSignals(commit_seconds=0.0003)) < 1
+    over = commit_slowdown(fast_disk, BatchSignals(commit_seconds=2 * (0.0001 + COMMIT_MARGIN)))
+    assert over == pytest.approx(2.0)
 
 
 def test_a_zero_time_batch_does_not_divide_by_zero() -> None:
