@@ -17,11 +17,16 @@ it, on the same connection and in the same transaction, while its locks are stil
   called for sessions already waiting on a lock);
 - the largest `replay_lag` in `pg_stat_replication`, when there are standbys: a backfill
   writes WAL as fast as the server allows, and a standby that falls behind serves stale
-  reads (and holds WAL on the primary).
+  reads (and holds WAL on the primary);
+- the sessions waiting to write or flush WAL, reported only (see `BatchSignals`).
 
-A probe query's time is not used: it measures CPU contention rather than anything the
-backfill holds, and on a shared machine it is too noisy to steer by; the batch's own time
-already grows with the server's load.
+And while each batch runs, a `CommitProbe` on a second connection times a commit that writes
+nothing but its commit record every 10 ms: what any application commit waits for (a WAL
+flush, behind the WAL the batch is writing), compared with its median before the backfill
+started. Measured, that is where an unpaced backfill hurts the application: its reads kept
+their latency while its writes' p99 grew several times. A plain ``SELECT 1`` probe is not
+used: it measures CPU contention rather than anything the backfill causes, and the batch's
+own time already grows with the server's load.
 
 Resuming: batches follow the key (keyset pagination: each batch starts after the last key of
 the previous one), so progress never depends on the WHERE clause and each row is visited once,
