@@ -259,6 +259,8 @@ PROBE_SQL = "SELECT pg_current_xact_id()"
 #: between two probes while a batch runs.
 PROBE_BASELINE_COUNT = 5
 PROBE_INTERVAL = 0.01
+#: A probe commit slower than this is cancelled and counted as this slow.
+PROBE_TIMEOUT = 5.0
 
 
 class CommitProbe:
@@ -285,10 +287,11 @@ class CommitProbe:
                 conn.execute(PROBE_SQL)
                 return time.monotonic() - t0
 
-            # Not run_in_thread: a probe takes a millisecond, so it is let finish, never
-            # cancelled on the server.
-            with trio.CancelScope(shield=True):
-                seconds = await trio.to_thread.run_sync(commit)
+            # A commit that hangs (a synchronous standby gone) must not hold the batch, whose
+            # end waits for the probe in flight: past the limit it counts as that slow.
+            seconds = PROBE_TIMEOUT
+            with trio.move_on_after(PROBE_TIMEOUT):
+                seconds = await pgthread.run_in_thread(conn, commit)
         except psycopg.Error as exc:
             log.warning("backfill: commit probe stopped: %s", pg_message(exc))
             self.broken = True

@@ -325,3 +325,32 @@ async def test_each_backfill_of_a_run_keeps_its_own_position(dsn: str) -> None:
         ).fetchall()
     assert rows == [(0, "7", 7, 3, True), (1, "4", 4, 2, True)]
     assert scalar(dsn, "SELECT array_agg(DISTINCT hits) FROM others") == [1]
+
+
+async def test_cancelling_a_backfill_mid_batch_stops_it_at_once_and_rolls_the_batch_back(
+    dsn: str,
+) -> None:
+    make_table(dsn, "int", "g", 10)
+    positions = await positions_store(dsn)
+    stuck = Backfill(
+        "items",
+        "hits = hits + 1 + (SELECT 0 FROM pg_sleep(CASE WHEN k > 5 THEN 30 ELSE 0 END))",
+        key="k",
+        batch_size=5,
+        pacing="adaptive",
+        target_seconds=5.0,
+    )
+    session = LockSafeSession(dsn)
+    with trio.move_on_after(1.5) as scope:
+        await run_backfill(session, stuck, Reporter("m"), positions=positions, index=0)
+    assert scope.cancelled_caught
+    # The first batch (k 1..5) committed with its position; the second was cancelled.
+    assert stored(dsn) == ("5", 5, 1, False)
+    assert scalar(dsn, "SELECT count(*) FROM items WHERE hits = 1") == 5
+    with trio.fail_after(10):  # the server stopped the statement: no session is left in it
+        while scalar(
+            dsn,
+            "SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%pg_sleep%' "
+            "AND pid <> pg_backend_pid()",
+        ):
+            await trio.sleep(0.05)
