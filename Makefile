@@ -18,7 +18,7 @@ PY_CHECK := import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)
 
 .DEFAULT_GOAL := help
 
-.PHONY: help install demo test test-thorough fault lint format bench-traffic bench-fleet clean distclean
+.PHONY: help install demo test test-thorough fault lint format bench-traffic bench-fleet bench-backfill clean distclean
 
 help:
 	@echo "make install        create $(VENV) and install lockstep with its dev extras"
@@ -30,6 +30,7 @@ help:
 	@echo "make demo           run 'lockstep demo' (ARGS='...' passes options)"
 	@echo "make bench-traffic  run the traffic benchmark (ARGS='...' passes options)"
 	@echo "make bench-fleet    run the fleet-scale benchmark (ARGS='...' passes options)"
+	@echo "make bench-backfill run the backfill pacing benchmark (ARGS='...' passes options)"
 	@echo "make clean          remove caches and build artifacts; distclean also removes $(VENV)"
 
 # The stamp is newer than pyproject.toml once the venv holds what pyproject.toml asks for.
@@ -80,6 +81,9 @@ bench-traffic: $(STAMP)
 
 bench-fleet: $(STAMP)
 	$(BIN)/python -m tests.bench.fleet $(ARGS)
+
+bench-backfill: $(STAMP)
+	$(BIN)/python -m tests.bench.backfill $(ARGS)
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis

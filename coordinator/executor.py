@@ -46,7 +46,7 @@ from psycopg import sql as pgsql
 
 from coordinator.backfill import run_backfill
 from coordinator.events import Reporter
-from coordinator.history import GroupJournal
+from coordinator.history import BackfillPositionStore, GroupJournal
 from coordinator.pg import thread as pgthread
 from coordinator.pg.attempts import (
     DEFAULT_LOCK_TIMEOUT,
@@ -84,7 +84,14 @@ class ReportingExecutor(Protocol):
         journal: GroupJournal | None = None,
     ) -> list[SqlAttempt]: ...
 
-    async def run_backfill(self, backfill: Backfill, report: Reporter) -> BackfillStats: ...
+    async def run_backfill(
+        self,
+        backfill: Backfill,
+        report: Reporter,
+        *,
+        positions: BackfillPositionStore | None = None,
+        index: int = 0,
+    ) -> BackfillStats: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -340,9 +347,17 @@ class PostgresExecutor:
         return f"could not drop INVALID index {name} ({why}): {last}"
 
     # ------------------------------------------------------------- backfills
-    async def run_backfill(self, backfill: Backfill, report: Reporter) -> BackfillStats:
-        """Run one backfill in short batches (see `coordinator.backfill`)."""
-        return await run_backfill(self.session, backfill, report)
+    async def run_backfill(
+        self,
+        backfill: Backfill,
+        report: Reporter,
+        *,
+        positions: BackfillPositionStore | None = None,
+        index: int = 0,
+    ) -> BackfillStats:
+        """Run backfill number `index` of the migration in short batches, continuing from
+        and storing its position in `positions` when given (see `coordinator.backfill`)."""
+        return await run_backfill(self.session, backfill, report, positions=positions, index=index)
 
 
 def _invalid_indexes(conn: psycopg.Connection[Any], build: _IndexBuild) -> list[str]:

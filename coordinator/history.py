@@ -86,6 +86,17 @@ ALTER TABLE lockstep.migrations
 CREATE TABLE IF NOT EXISTS lockstep.schema_version (version int NOT NULL);
 DELETE FROM lockstep.schema_version;
 INSERT INTO lockstep.schema_version (version) VALUES ({version});
+-- Backfill positions: the last key each backfill of a run committed (see BackfillPosition).
+CREATE TABLE IF NOT EXISTS lockstep.backfill_position (
+    migration_id text NOT NULL,
+    backfill     int NOT NULL,
+    last_key     text,
+    rows         bigint NOT NULL DEFAULT 0,
+    batches      int NOT NULL DEFAULT 0,
+    complete     boolean NOT NULL DEFAULT false,
+    updated_at   timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (migration_id, backfill)
+);
 """
 
 #: Fences a write: true only while `epoch` is still the leader's. FOR SHARE holds the leader
@@ -482,17 +493,113 @@ class PostgresHistory:
                 self._leadership = None
 
 
+# ------------------------------------------------------------------ backfill positions
+@dataclasses.dataclass(frozen=True)
+class BackfillPosition:
+    """How far one backfill of a run got: the last key of its last committed batch (as the
+    key's text form, which casts back exactly through the key's own type), the rows updated
+    and batches run so far, and whether it finished."""
+
+    last_key: str | None
+    rows: int
+    batches: int
+    complete: bool
+
+
+class BackfillPositionStore(Protocol):
+    """Where a backfill keeps its position between batches.
+
+    Both methods run in the backfill's worker thread on the connection that runs its batches;
+    `save` runs inside the batch's transaction, so a batch and its position commit together
+    or not at all: a crash never loses or repeats a committed batch.
+    """
+
+    def load(self, conn: psycopg.Connection[Any], backfill: int) -> BackfillPosition | None: ...
+
+    def save(
+        self, conn: psycopg.Connection[Any], backfill: int, position: BackfillPosition
+    ) -> None: ...
+
+
+#: The fence of a position write. It reads the epoch ``FOR SHARE``: a coordinator taking the
+#: lock must wait for a batch in flight to commit before it increments the epoch, so it always
+#: reads the position of the last batch the deposed one committed, and that one's next batch
+#: fails its fence and rolls back.
+_POSITION_FENCE = _FENCE
+
+
+class PostgresBackfillPositions:
+    """`BackfillPositionStore` in ``lockstep.backfill_position``, fenced by the epoch."""
+
+    def __init__(self, migration_id: str, epoch: int) -> None:
+        self.migration_id = migration_id
+        self.epoch = epoch
+
+    def load(self, conn: psycopg.Connection[Any], backfill: int) -> BackfillPosition | None:
+        row = conn.execute(
+            "SELECT last_key, rows, batches, complete FROM lockstep.backfill_position "
+            "WHERE migration_id = %s AND backfill = %s",
+            (self.migration_id, backfill),
+        ).fetchone()
+        if row is None:
+            return None
+        return BackfillPosition(row[0], int(row[1]), int(row[2]), bool(row[3]))
+
+    def save(
+        self, conn: psycopg.Connection[Any], backfill: int, position: BackfillPosition
+    ) -> None:
+        """Write `position`; `Deposed` (aborting the batch's transaction) if fenced off."""
+        cur = conn.execute(
+            "INSERT INTO lockstep.backfill_position AS p "
+            "(migration_id, backfill, last_key, rows, batches, complete, updated_at) "
+            "SELECT %(id)s, %(backfill)s, %(last)s, %(rows)s, %(batches)s, %(complete)s, now() "
+            f"WHERE {_POSITION_FENCE} "
+            "ON CONFLICT (migration_id, backfill) DO UPDATE SET last_key = EXCLUDED.last_key, "
+            "rows = EXCLUDED.rows, batches = EXCLUDED.batches, complete = EXCLUDED.complete, "
+            "updated_at = EXCLUDED.updated_at",
+            {
+                "id": self.migration_id,
+                "backfill": backfill,
+                "last": position.last_key,
+                "rows": position.rows,
+                "batches": position.batches,
+                "complete": position.complete,
+                "epoch": self.epoch,
+            },
+        )
+        if cur.rowcount != 1:
+            raise Deposed(
+                f"another coordinator took over migration {self.migration_id} "
+                f"(epoch {self.epoch} is no longer the leader's): backfill batch rolled back"
+            )
+
+
+def backfill_positions(
+    history: History | None, migration: Migration
+) -> BackfillPositionStore | None:
+    """The durable position store of `migration`'s backfills; None where nothing is durable
+    (then a backfill keeps its position in memory only). Call it while holding the migration
+    lock: the store fences its writes with the epoch taken then."""
+    if isinstance(history, PostgresHistory):
+        return PostgresBackfillPositions(migration.id, history.epoch)
+    return None
+
+
 __all__ = [
     "ADVISORY_LOCK_KEY",
     "SCHEMA_VERSION",
     "AppliedMigration",
+    "BackfillPosition",
+    "BackfillPositionStore",
     "Deposed",
     "GroupJournal",
     "History",
     "HistoryRow",
     "InMemoryHistory",
+    "PostgresBackfillPositions",
     "PostgresHistory",
     "PostgresJournal",
     "UnfinishedRun",
+    "backfill_positions",
     "checksum",
 ]

@@ -31,7 +31,7 @@ from coordinator.events import (
 )
 from coordinator.executor import Executor, ReportingExecutor
 from coordinator.fleet import Fleet
-from coordinator.history import GroupJournal, History
+from coordinator.history import GroupJournal, History, backfill_positions
 from coordinator.pg.attempts import LockRetry
 from coordinator.pg.errors import SqlFailure, pg_message
 from statemachine.checkpoint import Checkpoint
@@ -337,9 +337,13 @@ class MigrationRun:
             return
         if not isinstance(self.executor, ReportingExecutor):
             raise SqlFailure(None, "this executor cannot run backfills")
-        for backfill in self.migration.backfills:
+        # Durable positions: a resumed run continues each backfill after its last batch.
+        positions = backfill_positions(self.history, self.migration)
+        for index, backfill in enumerate(self.migration.backfills):
             try:
-                stats = await self.executor.run_backfill(backfill, self.report)
+                stats = await self.executor.run_backfill(
+                    backfill, self.report, positions=positions, index=index
+                )
             except BackfillFailed as exc:
                 self.backfills.append(exc.stats)
                 raise

@@ -17,17 +17,27 @@ class InvalidMigration(LockstepError, ValueError):
     """Raised when a `Migration` or `Backfill` is built with values that cannot work."""
 
 
+#: How a backfill sizes its batches: to a target time per batch, or always `batch_size`.
+PACINGS = ("adaptive", "fixed")
+
+
 @dataclasses.dataclass(frozen=True)
 class Backfill:
     """Rows to rewrite in short batches after EXECUTE commits and before APPLY.
 
     Example: copy `name` into a new column `full_name` while old code keeps writing `name`:
     ``Backfill(table="users", set="full_name = name", where="full_name IS NULL")``.
-    Each batch updates at most `batch_size` rows ordered by `key` in its own transaction, so no
-    lock is held for long. Within a run the loop resumes from the last key it reached (keyset
-    pagination, so `key` must be unique and NOT NULL); across coordinator restarts it starts
-    from the lowest key again, so give a `where` that excludes rows already done (as above)
-    to make a restarted backfill skip them.
+    Each batch updates the rows of the next range of `key` in its own transaction, so no lock
+    is held for long (keyset pagination, so `key` must be unique and NOT NULL). The position
+    reached is durable: a coordinator that takes over continues after the last committed
+    batch instead of starting again.
+
+    Batch size (`statemachine.backfill_pacing`): with ``pacing="adaptive"`` (the default)
+    `batch_size` is the first batch's size, and each next one is sized so that a batch takes
+    about `target_seconds`, between `min_batch` and `max_batch` rows, smaller while the batch
+    blocks application sessions or replication lags more than `max_lag` seconds. With
+    ``pacing="fixed"`` every batch has `batch_size` rows. `delay` seconds are slept between
+    batches in both modes.
     """
 
     table: str
@@ -36,6 +46,13 @@ class Backfill:
     where: str | None = None
     batch_size: int = 1000
     delay: float = 0.0
+    pacing: str = "adaptive"
+    target_seconds: float = 0.05
+    #: None: the smaller of 100 and `batch_size`.
+    min_batch: int | None = None
+    #: None: the larger of 50,000 and `batch_size`.
+    max_batch: int | None = None
+    max_lag: float = 1.0
 
     def __post_init__(self) -> None:
         if not self.table.strip():
@@ -46,6 +63,36 @@ class Backfill:
             raise InvalidMigration(f"backfill batch_size must be >= 1, got {self.batch_size}")
         if self.delay < 0:
             raise InvalidMigration(f"backfill delay must be >= 0, got {self.delay}")
+        if self.pacing not in PACINGS:
+            raise InvalidMigration(
+                f"backfill pacing must be one of {', '.join(PACINGS)}, got {self.pacing!r}"
+            )
+        if not self.target_seconds > 0:
+            raise InvalidMigration(
+                f"backfill target_seconds must be > 0, got {self.target_seconds}"
+            )
+        if self.min_batch is not None and not 1 <= self.min_batch <= self.batch_size:
+            raise InvalidMigration(
+                f"backfill min_batch must be between 1 and batch_size ({self.batch_size}), "
+                f"got {self.min_batch}"
+            )
+        if self.max_batch is not None and self.max_batch < self.batch_size:
+            raise InvalidMigration(
+                f"backfill max_batch must be >= batch_size ({self.batch_size}), "
+                f"got {self.max_batch}"
+            )
+        if not self.max_lag > 0:
+            raise InvalidMigration(f"backfill max_lag must be > 0 seconds, got {self.max_lag}")
+
+    @property
+    def smallest_batch(self) -> int:
+        """`min_batch`, or its default."""
+        return self.min_batch if self.min_batch is not None else min(100, self.batch_size)
+
+    @property
+    def largest_batch(self) -> int:
+        """`max_batch`, or its default."""
+        return self.max_batch if self.max_batch is not None else max(50_000, self.batch_size)
 
 
 def _statements(field: str, value: Iterable[str] | str | None) -> tuple[str, ...]:

@@ -25,7 +25,8 @@ migration goes); ``-- lockstep:allow-file LS301 <reason>`` allows a rule for the
 UTF-8 byte order mark at the start of the text is ignored.
 
 A backfill line is shell-quoted ``key=value`` pairs (keys: table, set, key, where, batch_size,
-delay; table and set are required); blank lines and ``--`` comments are skipped. A missing
+delay, pacing, target_seconds, min_batch, max_batch, max_lag: the fields of `Backfill`; table
+and set are required); blank lines and ``--`` comments are skipped. A missing
 rollback section means "derive it"; an empty one means "nothing to undo". Markers are matched
 line by line, so a marker-like line inside a dollar-quoted body would also be taken as a marker.
 """
@@ -48,7 +49,26 @@ _LOOKS_LIKE_MARKER = re.compile(r"^\s*--\s*lockstep\s*:\s*(?P<word>\S*)", re.IGN
 _SECTIONS = {"sql": "sql", "contract": "contract_sql", "rollback": "rollback_sql", "backfill": ""}
 _DIRECTIVES = ("name", "ack-timeout")
 _ALLOWS = ("allow", "allow-file")
-_BACKFILL_KEYS = ("table", "set", "key", "where", "batch_size", "delay")
+_BACKFILL_KEYS = (
+    "table",
+    "set",
+    "key",
+    "where",
+    "batch_size",
+    "delay",
+    "pacing",
+    "target_seconds",
+    "min_batch",
+    "max_batch",
+    "max_lag",
+)
+#: The numeric keys of a backfill line, and how each is read.
+_BACKFILL_NUMBERS = {
+    "min_batch": (int, "an integer"),
+    "max_batch": (int, "an integer"),
+    "target_seconds": (float, "seconds"),
+    "max_lag": (float, "seconds"),
+}
 _NATURAL = re.compile(r"(\d+)")
 
 
@@ -152,6 +172,15 @@ def _parse_backfill(number: int, text: str) -> Backfill:
         raise MigrationFileError(
             f"bad backfill line: delay must be seconds, got {values['delay']!r}", number
         ) from None
+    numbers: dict[str, int | float] = {}
+    for name, (kind, what) in _BACKFILL_NUMBERS.items():
+        if name in values:
+            try:
+                numbers[name] = kind(values[name])
+            except ValueError:
+                raise MigrationFileError(
+                    f"bad backfill line: {name} must be {what}, got {values[name]!r}", number
+                ) from None
     try:
         return Backfill(
             table=values["table"],
@@ -160,6 +189,8 @@ def _parse_backfill(number: int, text: str) -> Backfill:
             where=values.get("where") or None,
             batch_size=batch_size,
             delay=delay,
+            pacing=values.get("pacing", "adaptive"),
+            **numbers,  # type: ignore[arg-type]
         )
     except InvalidMigration as exc:
         raise MigrationFileError(f"bad backfill line: {exc}", number) from None

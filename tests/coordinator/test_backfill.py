@@ -51,7 +51,7 @@ async def test_backfill_fills_every_row_in_batches(dsn: str) -> None:
     migration = Migration(
         "full_name",
         [ADD_FULL_NAME],
-        backfills=[Backfill("users", "full_name = name", batch_size=10)],
+        backfills=[Backfill("users", "full_name = name", batch_size=10, pacing="fixed")],
     )
     result = await migrate(dsn, migration, events)
     assert result.status is MigrationStatus.COMPLETED, result.reason
@@ -89,7 +89,11 @@ async def test_backfill_with_a_where_resumes_where_a_previous_run_stopped(dsn: s
         "finish_full_name",
         ["COMMENT ON COLUMN users.full_name IS 'filled'"],
         rollback_sql=[],
-        backfills=[Backfill("users", "full_name = name", where="full_name IS NULL", batch_size=7)],
+        backfills=[
+            Backfill(
+                "users", "full_name = name", where="full_name IS NULL", batch_size=7, pacing="fixed"
+            )
+        ],
     )
     result = await migrate(dsn, migration, events)
     assert result.status is MigrationStatus.COMPLETED, result.reason
@@ -106,7 +110,7 @@ async def test_keyset_pagination_visits_each_row_once_even_without_a_where(dsn: 
         "count_hits",
         ["COMMENT ON TABLE users IS 'x'"],
         rollback_sql=[],
-        backfills=[Backfill("users", "hits = hits + 1", batch_size=4, delay=0.01)],
+        backfills=[Backfill("users", "hits = hits + 1", batch_size=4, delay=0.01, pacing="fixed")],
     )
     result = await migrate(dsn, migration, [])
     assert result.status is MigrationStatus.COMPLETED

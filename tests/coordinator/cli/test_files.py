@@ -22,7 +22,7 @@ ADD_EMAIL = """\
 ALTER TABLE users ADD COLUMN email text;
 CREATE INDEX CONCURRENTLY users_email ON users (email);
 -- lockstep:backfill
-table=users set="email = name || '@example.com'" where="email IS NULL" batch_size=2
+table=users set="email = name || '@example.com'" where="email IS NULL" batch_size=2 pacing=fixed
 """
 
 ADD_NICK = """\
