@@ -148,7 +148,7 @@ async def test_a_stopped_leader_leaves_its_run_to_the_standby_which_finishes_it(
             await stop.wait()
         stopped.set()  # `first` stopped mid-APPLY: no rollback, the state is durable
 
-    with trio.fail_after(60):
+    with trio.fail_after(150):  # stopping `first` takes ~30 s today: see the issue 8 note
         async with trio.open_nursery() as nursery:
             nursery.start_soon(first_leader)
             await leading.wait()
