@@ -30,7 +30,13 @@ from typing import Any, Protocol
 import psycopg
 import trio
 
-from coordinator.leader import ADVISORY_LOCK_KEY, Deposed, Leadership, open_leadership
+from coordinator.leader import (
+    ADVISORY_LOCK_KEY,
+    LEADER_LOCK_ROWS,
+    Deposed,
+    Leadership,
+    open_leadership,
+)
 from coordinator.pg import thread as pgthread
 from statemachine.checkpoint import Checkpoint
 from statemachine.migration import Migration
@@ -102,7 +108,7 @@ CREATE TABLE IF NOT EXISTS lockstep.backfill_position (
 #: Fences a write: true only while `epoch` is still the leader's. FOR SHARE holds the leader
 #: row until the write's transaction ends, so a successor's epoch bump waits for it: the
 #: successor then reads a journal that includes it, and no commit lands after its read.
-_FENCE = "%(epoch)s = (SELECT epoch FROM lockstep.leader WHERE id = 1 FOR SHARE)"
+EPOCH_FENCE = "%(epoch)s = (SELECT epoch FROM lockstep.leader WHERE id = 1 FOR SHARE)"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,6 +132,13 @@ def checksum(migration: Migration) -> str:
 class AppliedMigration:
     name: str
     checksum: str
+
+
+#: The most recent migrations, newest first, as `HistoryRow` fields (`rows`, status).
+HISTORY_ROWS_SQL = (
+    "SELECT name, status, started_at, finished_at, reason, schema_restored "
+    "FROM lockstep.migrations ORDER BY started_at DESC LIMIT %s"
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -271,7 +284,7 @@ class PostgresJournal:
         entry = json.dumps([f"{phase.value}:{group}"])
         cur = conn.execute(
             "UPDATE lockstep.migrations SET journal = journal || %(entry)s::jsonb, "
-            f"updated_at = now() WHERE id = %(id)s AND {_FENCE}",
+            f"updated_at = now() WHERE id = %(id)s AND {EPOCH_FENCE}",
             {"entry": entry, "id": self.migration_id, "epoch": self.epoch},
         )
         if cur.rowcount != 1:
@@ -370,7 +383,7 @@ class PostgresHistory:
     async def save(self, migration: Migration, checkpoint: Checkpoint) -> None:
         _, count = await self._run_counted(
             "UPDATE lockstep.migrations SET checkpoint = %(checkpoint)s, updated_at = now() "
-            f"WHERE id = %(id)s AND status = 'running' AND {_FENCE}",
+            f"WHERE id = %(id)s AND status = 'running' AND {EPOCH_FENCE}",
             {
                 "checkpoint": json.dumps(checkpoint.to_json()),
                 "id": migration.id,
@@ -400,7 +413,7 @@ class PostgresHistory:
         await self._run(
             "UPDATE lockstep.migrations SET status = %(status)s, finished_at = now(), "
             "phases = %(phases)s, reason = %(reason)s, schema_restored = %(restored)s, "
-            f"updated_at = now() WHERE id = %(id)s AND {_FENCE}",
+            f"updated_at = now() WHERE id = %(id)s AND {EPOCH_FENCE}",
             {
                 "status": result.status.value,
                 "phases": json.dumps(phases),
@@ -414,18 +427,14 @@ class PostgresHistory:
     async def save_progress(self, migration: Migration, progress: dict[str, object]) -> None:
         await self._run(
             "UPDATE lockstep.migrations SET progress = %(progress)s "
-            f"WHERE id = %(id)s AND status = 'running' AND {_FENCE}",
+            f"WHERE id = %(id)s AND status = 'running' AND {EPOCH_FENCE}",
             {"progress": json.dumps(progress), "id": migration.id, "epoch": self.epoch},
         )
 
     async def rows(self, limit: int = 50) -> list[HistoryRow]:
         """The most recent migrations, newest first (read-only: none if lockstep never ran)."""
         try:
-            found = await self._run(
-                "SELECT name, status, started_at, finished_at, reason, schema_restored "
-                "FROM lockstep.migrations ORDER BY started_at DESC LIMIT %s",
-                (limit,),
-            )
+            found = await self._run(HISTORY_ROWS_SQL, (limit,))
         except psycopg.errors.UndefinedTable:
             return []
         return [HistoryRow(*row) for row in found]
@@ -449,12 +458,7 @@ class PostgresHistory:
 
     async def lock_is_free(self) -> bool:
         """True when no coordinator holds the migration lock right now (read-only probe)."""
-        rows = await self._run(
-            "SELECT count(*) = 0 FROM pg_locks WHERE locktype = 'advisory' AND granted "
-            "AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) "
-            "AND ((classid::bigint << 32) | objid::bigint) = %s",
-            (ADVISORY_LOCK_KEY,),
-        )
+        rows = await self._run(f"SELECT NOT EXISTS ({LEADER_LOCK_ROWS})")
         return bool(rows[0][0])
 
     @property
@@ -525,7 +529,6 @@ class BackfillPositionStore(Protocol):
 #: lock must wait for a batch in flight to commit before it increments the epoch, so it always
 #: reads the position of the last batch the deposed one committed, and that one's next batch
 #: fails its fence and rolls back.
-_POSITION_FENCE = _FENCE
 
 
 class PostgresBackfillPositions:
@@ -553,7 +556,7 @@ class PostgresBackfillPositions:
             "INSERT INTO lockstep.backfill_position AS p "
             "(migration_id, backfill, last_key, rows, batches, complete, updated_at) "
             "SELECT %(id)s, %(backfill)s, %(last)s, %(rows)s, %(batches)s, %(complete)s, now() "
-            f"WHERE {_POSITION_FENCE} "
+            f"WHERE {EPOCH_FENCE} "
             "ON CONFLICT (migration_id, backfill) DO UPDATE SET last_key = EXCLUDED.last_key, "
             "rows = EXCLUDED.rows, batches = EXCLUDED.batches, complete = EXCLUDED.complete, "
             "updated_at = EXCLUDED.updated_at",
@@ -587,6 +590,8 @@ def backfill_positions(
 
 __all__ = [
     "ADVISORY_LOCK_KEY",
+    "EPOCH_FENCE",
+    "HISTORY_ROWS_SQL",
     "SCHEMA_VERSION",
     "AppliedMigration",
     "BackfillPosition",

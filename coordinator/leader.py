@@ -43,10 +43,18 @@ log = logging.getLogger("lockstep.coordinator")
 #: Key of the advisory lock (the bytes "lockstep" read as a signed 64-bit integer).
 ADVISORY_LOCK_KEY = int.from_bytes(b"lockstep", "big", signed=True)
 
-#: Does this session still hold the leader lock? (classid/objid are the key's two halves.)
+#: The granted leader lock of the current database, as rows of pg_locks (classid/objid are
+#: the key's two halves; the key is our own integer constant, so formatting it in is safe).
+#: Every "is there a leader?" question is this one: the probe, `lock_is_free`, status.
+LEADER_LOCK_ROWS = (
+    "SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted "
+    "AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) "
+    f"AND ((classid::bigint << 32) | objid::bigint) = {ADVISORY_LOCK_KEY}"
+)
+
+#: Does this session still hold the leader lock, and what is the epoch now?
 _HOLDS_LOCK = (
-    "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted "
-    "AND pid = pg_backend_pid() AND ((classid::bigint << 32) | objid::bigint) = %(key)s), "
+    f"SELECT EXISTS ({LEADER_LOCK_ROWS} AND pid = pg_backend_pid()), "
     "(SELECT epoch FROM lockstep.leader WHERE id = 1)"
 )
 
@@ -101,7 +109,7 @@ async def _probe(conn: psycopg.Connection[Any], epoch: int, timeout: float) -> s
     """None while the leadership holds; otherwise why it does not."""
 
     def work() -> tuple[bool, int]:
-        row = conn.execute(_HOLDS_LOCK, {"key": ADVISORY_LOCK_KEY}).fetchone()
+        row = conn.execute(_HOLDS_LOCK.encode()).fetchone()
         assert row is not None
         return bool(row[0]), int(row[1])
 
@@ -223,6 +231,7 @@ async def open_leadership(
 
 __all__ = [
     "ADVISORY_LOCK_KEY",
+    "LEADER_LOCK_ROWS",
     "Deposed",
     "Leadership",
     "LeadershipLost",

@@ -26,7 +26,7 @@ from typing import Any
 
 import trio
 
-from coordinator.history import checksum
+from coordinator.history import EPOCH_FENCE, checksum
 from coordinator.pg import thread as pgthread
 from statemachine.exceptions import LockstepError
 from statemachine.migration import Migration
@@ -249,7 +249,7 @@ async def mark_not_run(dsn: str, migration_id: str, status: str, reason: str, ep
         dsn,
         "UPDATE lockstep.migrations SET status = %(status)s, finished_at = now(), "
         "reason = %(reason)s, updated_at = now() WHERE id = %(id)s AND status = 'queued' "
-        "AND %(epoch)s = (SELECT epoch FROM lockstep.leader WHERE id = 1)",
+        f"AND {EPOCH_FENCE}",
         {"status": status, "reason": reason, "id": migration_id, "epoch": epoch},
     )
 

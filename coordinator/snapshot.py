@@ -14,8 +14,8 @@ from typing import Any
 
 import psycopg
 
-from coordinator.history import HistoryRow
-from coordinator.leader import ADVISORY_LOCK_KEY
+from coordinator.history import HISTORY_ROWS_SQL, HistoryRow
+from coordinator.leader import LEADER_LOCK_ROWS
 from coordinator.pg import thread as pgthread
 
 
@@ -115,12 +115,8 @@ async def read_snapshot(dsn: str, limit: int = 50) -> Snapshot:
 
 def _read(conn: psycopg.Connection[Any], limit: int) -> Snapshot:
     leader_row = conn.execute(
-        "SELECT holder, epoch, since, takes_queue, EXISTS (SELECT 1 FROM pg_locks "
-        "WHERE locktype = 'advisory' AND granted "
-        "AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) "
-        "AND ((classid::bigint << 32) | objid::bigint) = %s) "
-        "FROM lockstep.leader l WHERE id = 1",
-        (ADVISORY_LOCK_KEY,),
+        f"SELECT holder, epoch, since, takes_queue, EXISTS ({LEADER_LOCK_ROWS}) "
+        "FROM lockstep.leader WHERE id = 1".encode()
     ).fetchone()
     leader = None
     if leader_row is not None and (leader_row[1] or leader_row[4]):
@@ -139,14 +135,7 @@ def _read(conn: psycopg.Connection[Any], limit: int) -> Snapshot:
             "FROM lockstep.migrations WHERE status = 'running' ORDER BY started_at"
         ).fetchall()
     )
-    rows = tuple(
-        HistoryRow(*row)
-        for row in conn.execute(
-            "SELECT name, status, started_at, finished_at, reason, schema_restored "
-            "FROM lockstep.migrations ORDER BY started_at DESC LIMIT %s",
-            (limit,),
-        ).fetchall()
-    )
+    rows = tuple(HistoryRow(*row) for row in conn.execute(HISTORY_ROWS_SQL, (limit,)).fetchall())
     return Snapshot(leader, queue, running, rows)
 
 
