@@ -28,8 +28,15 @@ async def run_in_thread(conn: psycopg.Connection[Any], fn: Callable[[], T]) -> T
     statement and the thread came back, so `conn` is never closed under a running query.
     """
     finished = threading.Event()
+    gate = threading.Lock()
+    began = abandoned = False
 
     def work() -> T:
+        nonlocal began
+        with gate:
+            if abandoned:  # cancelled before this thread got to it: `conn` is not ours now
+                raise _Abandoned
+            began = True
         try:
             return fn()
         finally:
@@ -38,12 +45,22 @@ async def run_in_thread(conn: psycopg.Connection[Any], fn: Callable[[], T]) -> T
     try:
         return await trio.to_thread.run_sync(work, abandon_on_cancel=True)
     except trio.Cancelled:
-        with trio.CancelScope(shield=True):
-            if not finished.is_set():
-                with contextlib.suppress(psycopg.Error):
-                    await trio.to_thread.run_sync(conn.cancel_safe)
-                await trio.to_thread.run_sync(finished.wait, _CANCEL_GRACE)
+        with gate:
+            abandoned = True
+            running = began
+        # Cancelled before `fn` started (the scope was already cancelled, or the thread had
+        # not picked the job up yet): there is nothing to stop and nothing to wait for.
+        if running:
+            with trio.CancelScope(shield=True):
+                if not finished.is_set():
+                    with contextlib.suppress(psycopg.Error):
+                        await trio.to_thread.run_sync(conn.cancel_safe)
+                    await trio.to_thread.run_sync(finished.wait, _CANCEL_GRACE)
         raise
+
+
+class _Abandoned(Exception):
+    """Raised in a worker thread whose job was cancelled before it started (nobody sees it)."""
 
 
 #: How long a cancelled caller waits for the server to stop the statement.
