@@ -35,7 +35,7 @@ from coordinator.core import Coordinator
 from coordinator.executor import PostgresExecutor
 from coordinator.history import PostgresHistory
 from coordinator.http import PostgresProbe, serve_http
-from coordinator.leader import Leadership, LeadershipLost, default_holder, open_leadership
+from coordinator.leader import Deposed, Leadership, default_holder, open_leadership
 from coordinator.pg.attempts import DEFAULT_STATEMENT_TIMEOUT, RetryPolicy
 from coordinator.pg.errors import pg_message
 from coordinator.pg.notify import listen
@@ -118,7 +118,9 @@ class Service:
                     takes_queue=True,
                 ) as leadership:
                     await self._term(leadership)
-            except LeadershipLost as exc:
+            except Deposed as exc:
+                # LeadershipLost (the probe saw the lock go), or a fenced write of the run's
+                # state that saw a successor's epoch first: either way another leads now.
                 log.error("%s; standing by", exc)
             except psycopg.OperationalError as exc:
                 log.error("the database failed during the term (%s); standing by", pg_message(exc))

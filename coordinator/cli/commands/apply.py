@@ -33,11 +33,11 @@ from coordinator.cli.commands import CommandError, stderr_console
 from coordinator.cli.commands.lint import lint_file, print_findings
 from coordinator.cli.embedded import configured_dsn
 from coordinator.cli.files import MigrationFile, MigrationLoadError, load_paths
-from coordinator.cli.output import Output, safe
+from coordinator.cli.output import Output, logging_to_stderr, safe
 from coordinator.cli.progress import LiveProgress
 from coordinator.cli.results import EventPrinter, print_result, result_json
 from coordinator.core import Coordinator, open_coordinator
-from coordinator.leader import LeadershipLost
+from coordinator.leader import Deposed
 from coordinator.pg.errors import DatabaseFailed
 from coordinator.queue import RunState, SubmitRefused, watch
 from coordinator.queue import submit as submit_to_queue
@@ -114,7 +114,7 @@ async def _apply(
         with progress:
             try:
                 return await _serve_and_run(args, dsn, files, out, _Report(), progress)
-            except LeadershipLost as exc:
+            except Deposed as exc:  # LeadershipLost, or a write fenced by a newer epoch
                 # The database restarted, or our lock session was ended: whoever leads next
                 # resumes the run from its durable state. We try to be that leader again.
                 attempt += 1
@@ -256,7 +256,8 @@ def run(args: argparse.Namespace) -> int:
     args.ssl_context = serving.server_tls(args.tls_cert, args.tls_key)
     out = Output(json_mode=args.json, verbosity=options.verbosity(args))
     try:
-        report = trio.run(_apply, args, dsn, files, out)
+        with logging_to_stderr(options.verbosity(args)):
+            report = trio.run(_apply, args, dsn, files, out)
     except KeyboardInterrupt:
         stderr_console().print(
             "a migration in flight stays durable where it was: run this 'lockstep apply' "
