@@ -39,6 +39,7 @@ from coordinator.leader import (
 )
 from coordinator.pg import thread as pgthread
 from statemachine.checkpoint import Checkpoint
+from statemachine.exceptions import LockstepError
 from statemachine.migration import Migration
 from statemachine.phases import MigrationStatus, Phase
 from statemachine.result import MigrationResult
@@ -109,6 +110,20 @@ CREATE TABLE IF NOT EXISTS lockstep.backfill_position (
 #: row until the write's transaction ends, so a successor's epoch bump waits for it: the
 #: successor then reads a journal that includes it, and no commit lands after its read.
 EPOCH_FENCE = "%(epoch)s = (SELECT epoch FROM lockstep.leader WHERE id = 1 FOR SHARE)"
+
+
+class SchemaTooNew(LockstepError):
+    """Raised by `PostgresHistory.ensure_schema` when the database's `lockstep` schema was
+    written by a newer lockstep than this one (running on it could misread its state)."""
+
+
+def _schema_version(conn: psycopg.Connection[Any]) -> int | None:
+    """The recorded schema version; None on a new database or before version 3 (no table)."""
+    row = conn.execute("SELECT to_regclass('lockstep.schema_version') IS NOT NULL").fetchone()
+    if not (row and row[0]):
+        return None
+    row = conn.execute("SELECT max(version) FROM lockstep.schema_version").fetchone()
+    return None if row is None or row[0] is None else int(row[0])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -325,12 +340,29 @@ class PostgresHistory:
         return await pgthread.query(self.dsn, sql, params)
 
     async def ensure_schema(self) -> None:
-        """Create or upgrade the `lockstep` schema to `SCHEMA_VERSION` (idempotent)."""
+        """Create or upgrade the `lockstep` schema to `SCHEMA_VERSION` (idempotent).
+
+        A schema already at this version is left alone without any DDL: the upgrade script's
+        ``ALTER TABLE ... IF NOT EXISTS`` takes ACCESS EXCLUSIVE locks even when it changes
+        nothing, so every ``lockstep submit`` or starting replica running it would queue
+        behind a live leader's writes and could deadlock with ``lockstep status`` reads.
+        Raises `SchemaTooNew` for a schema written by a newer lockstep (never downgraded)."""
         conn = await pgthread.connect(self.dsn)
         try:
 
             def work() -> None:
                 with conn.transaction():
+                    if _schema_version(conn) == SCHEMA_VERSION:
+                        return
+                    conn.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK_KEY,))
+                    found = _schema_version(conn)  # again under the lock: a racer may be done
+                    if found == SCHEMA_VERSION:
+                        return
+                    if found is not None and found > SCHEMA_VERSION:
+                        raise SchemaTooNew(
+                            f"the lockstep schema of this database is version {found}, newer "
+                            f"than this lockstep's {SCHEMA_VERSION}: upgrade lockstep"
+                        )
                     # Two integer constants of ours: formatting them in is safe, and a script of
                     # several statements cannot take parameters.
                     script = SCHEMA_SQL.format(key=SCHEMA_LOCK_KEY, version=SCHEMA_VERSION)
@@ -604,6 +636,7 @@ __all__ = [
     "PostgresBackfillPositions",
     "PostgresHistory",
     "PostgresJournal",
+    "SchemaTooNew",
     "UnfinishedRun",
     "backfill_positions",
     "checksum",

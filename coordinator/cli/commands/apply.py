@@ -37,6 +37,7 @@ from coordinator.cli.output import Output, logging_to_stderr, safe
 from coordinator.cli.progress import LiveProgress
 from coordinator.cli.results import EventPrinter, print_result, result_json
 from coordinator.core import Coordinator, open_coordinator
+from coordinator.history import SchemaTooNew
 from coordinator.leader import Deposed
 from coordinator.pg.errors import DatabaseFailed
 from coordinator.queue import RunState, SubmitRefused, watch
@@ -264,7 +265,7 @@ def run(args: argparse.Namespace) -> int:
             "again (or 'lockstep serve') to resume it, or 'lockstep abort NAME' to roll it back"
         )
         raise
-    except (SubmitRefused, DatabaseFailed) as exc:
+    except (SubmitRefused, DatabaseFailed, SchemaTooNew) as exc:
         raise CommandError(str(exc)) from exc
     except psycopg.OperationalError as exc:
         raise CommandError(f"cannot reach the database: {str(exc).strip()}") from exc

@@ -20,9 +20,10 @@ import trio
 from coordinator.cli import options, serving
 from coordinator.cli.commands import CommandError, stderr_console
 from coordinator.cli.embedded import configured_dsn
-from coordinator.cli.output import Output, safe
+from coordinator.cli.output import Output, logging_to_stderr, safe
 from coordinator.cli.results import EventPrinter
 from coordinator.events import Event, MigrationFinished
+from coordinator.history import SchemaTooNew
 from coordinator.service import open_service
 
 if TYPE_CHECKING:
@@ -116,10 +117,13 @@ def run(args: argparse.Namespace) -> int:
     args.ssl_context = serving.server_tls(args.tls_cert, args.tls_key)
     out = Output(json_mode=False, verbosity=options.verbosity(args))
     try:
-        trio.run(_serve, args, dsn, out)
+        with logging_to_stderr(options.verbosity(args)):
+            trio.run(_serve, args, dsn, out)
     except KeyboardInterrupt:
         out.event("stopped; a migration in flight stays durable and the next leader resumes it")
         return 0
+    except SchemaTooNew as exc:
+        raise CommandError(str(exc)) from exc
     except psycopg.OperationalError as exc:
         raise CommandError(f"cannot reach the database: {str(exc).strip()}") from exc
     except psycopg.Error as exc:

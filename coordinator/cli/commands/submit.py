@@ -23,7 +23,7 @@ from coordinator.cli.commands.lint import lint_file, print_findings
 from coordinator.cli.embedded import configured_dsn
 from coordinator.cli.files import MigrationFile, MigrationLoadError, load_paths
 from coordinator.cli.output import Output, safe
-from coordinator.history import PostgresHistory
+from coordinator.history import PostgresHistory, SchemaTooNew
 from coordinator.queue import RunState, Submission, SubmitRefused, submit, watch
 from coordinator.snapshot import read_snapshot
 from statemachine.gate import MigrationRejected, admit
@@ -129,6 +129,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         done, results = trio.run(_submit, dsn, files, args, out)
     except SubmitRefused as exc:
+        raise CommandError(str(exc)) from exc
+    except SchemaTooNew as exc:
         raise CommandError(str(exc)) from exc
     except psycopg.OperationalError as exc:
         raise CommandError(f"cannot reach the database: {str(exc).strip()}") from exc
