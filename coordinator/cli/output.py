@@ -14,9 +14,13 @@ at the end (`emit_json`) and nothing else on stdout.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
+import logging
 import sys
+import time
+from collections.abc import Iterator
 from typing import Any
 
 from rich.console import Console
@@ -78,4 +82,32 @@ class Output:
             sys.stdout.flush()
 
 
-__all__ = ["Output", "console", "safe"]
+__all__ = ["Output", "console", "logging_to_stderr", "safe"]
+
+
+class _UtcFormatter(logging.Formatter):
+    """``2026-12-03T13:35:26.182Z WARNING lockstep.coordinator: ...``: the stamp of `Output`."""
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+        return f"{stamp}.{int(record.msecs):03d}Z"
+
+
+@contextlib.contextmanager
+def logging_to_stderr(verbosity: int) -> Iterator[None]:
+    """While a long-running command runs, send lockstep's log records to stderr, stamped like
+    events: warnings and errors, and with ``-v`` the INFO lines too (leadership, reconnects).
+    Without it Python's last-resort handler prints bare messages: no time, level or source.
+    The logger is put back as it was afterwards (the CLI also runs inside other programs)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_UtcFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logger = logging.getLogger("lockstep")
+    level = logger.level
+    logger.addHandler(handler)
+    if verbosity > 0 and logger.getEffectiveLevel() > logging.INFO:
+        logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)

@@ -24,6 +24,7 @@ from coordinator.cli.output import Output, logging_to_stderr, safe
 from coordinator.cli.results import EventPrinter
 from coordinator.events import Event, MigrationFinished
 from coordinator.history import SchemaTooNew
+from coordinator.pg.errors import is_connection_failure, pg_message
 from coordinator.service import open_service
 
 if TYPE_CHECKING:
@@ -124,10 +125,11 @@ def run(args: argparse.Namespace) -> int:
         return 0
     except SchemaTooNew as exc:
         raise CommandError(str(exc)) from exc
-    except psycopg.OperationalError as exc:
-        raise CommandError(f"cannot reach the database: {str(exc).strip()}") from exc
     except psycopg.Error as exc:
-        raise CommandError(f"database error: {str(exc).strip()}") from exc
+        # OperationalError also covers a deadlock or a cancelled statement: only a lost or
+        # refused connection is "cannot reach".
+        what = "cannot reach the database" if is_connection_failure(exc) else "database error"
+        raise CommandError(f"{what}: {pg_message(exc)}") from exc
     except OSError as exc:
         raise CommandError(f"cannot serve on {args.host}:{args.port}: {exc}") from exc
     return 0
