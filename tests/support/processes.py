@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+from typing import IO
 
 import trio
 
@@ -43,11 +44,15 @@ async def leading(dsn: str, timeout: float = 30) -> None:
             await trio.sleep(0.05)
 
 
-def lockstep_process(*args: str) -> subprocess.Popen[str]:
-    """`lockstep ARGS...` as a background process, stdout and stderr merged, no colour."""
+def lockstep_process(*args: str, output: IO[str] | None = None) -> subprocess.Popen[str]:
+    """`lockstep ARGS...` as a background process, stdout and stderr merged, no colour.
+
+    The output goes to a pipe (read it with `stop` or ``communicate``) or, for processes
+    that run long or are killed, to the file `output`, which never fills up and blocks them.
+    """
     return subprocess.Popen(
         [sys.executable, "-m", "coordinator.cli", *args],
-        stdout=subprocess.PIPE,
+        stdout=subprocess.PIPE if output is None else output,
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,
         text=True,
@@ -55,10 +60,10 @@ def lockstep_process(*args: str) -> subprocess.Popen[str]:
     )
 
 
-def serve(dsn: str, port: int, *extra: str) -> subprocess.Popen[str]:
+def serve(dsn: str, port: int, *extra: str, output: IO[str] | None = None) -> subprocess.Popen[str]:
     """`lockstep serve` on 127.0.0.1:`port`, with short intervals for tests."""
     return lockstep_process(
-        "serve", "--dsn", dsn, "--port", str(port), "--ack-timeout", "20", *extra
+        "serve", "--dsn", dsn, "--port", str(port), "--ack-timeout", "20", *extra, output=output
     )
 
 
