@@ -8,7 +8,7 @@ import pytest
 
 pytest.importorskip("django")
 
-from agent.integrations import django as integration  # noqa: E402
+from agent.integrations import django as integration
 
 
 @pytest.mark.parametrize(
