@@ -106,6 +106,9 @@ class LoadRun:
     stop_seconds: float
     returncode: int | None
     output: str
+    #: The agent ids in the fleet when the migration started, and the server's (master's) pid.
+    agents: list[str]
+    server_pid: int
 
     @property
     def requests(self) -> int:
@@ -120,7 +123,8 @@ class LoadRun:
             f"{self.framework} on {self.server} ({self.workers} workers): {self.requests} "
             f"requests from {CLIENTS} clients, {sum(self.failed.values())} failed; migration "
             f"{self.result.status.value} in {self.migration_seconds:.2f} s; server stopped in "
-            f"{self.stop_seconds:.2f} s; outcomes: {dict(self.outcomes)}; errors: {self.errors}"
+            f"{self.stop_seconds:.2f} s; agents: {self.agents}; outcomes: {dict(self.outcomes)}; "
+            f"errors: {self.errors}"
         )
 
     def check(self, dsn: str) -> None:
@@ -132,6 +136,11 @@ class LoadRun:
         assert self.outcomes["200 new=True"] > 0, self.summary()
         assert "old_name" not in columns(dsn) and "email" in columns(dsn)
         assert "Traceback" not in self.output, self.output
+
+    def check_one_agent_per_worker(self) -> None:
+        """As many agents as workers, none of them the master's (gunicorn: a preloaded app)."""
+        assert len(self.agents) == self.workers, self.summary()
+        assert not any(a.endswith(f"-{self.server_pid}") for a in self.agents), self.summary()
 
 
 def _wait_listening(port: int, server: subprocess.Popen[str], timeout: float) -> None:
@@ -185,6 +194,7 @@ async def run_under_load(
             await coord.wait_for_agents(workers, timeout=30)
             with Load(port) as load:
                 await trio.sleep(1.0)  # traffic on the old query first
+                agents = sorted(coord.agents)
                 started = time.perf_counter()
                 result = await coord.run_migration(MIGRATION)
                 took = time.perf_counter() - started
@@ -208,6 +218,8 @@ async def run_under_load(
         stop_seconds=stopped,
         returncode=process.returncode,
         output=process.stdout.read() if process.stdout else "",
+        agents=agents,
+        server_pid=process.pid,
     )
 
 

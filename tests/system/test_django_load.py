@@ -27,15 +27,26 @@ pytestmark = pytest.mark.slow
 SETTINGS = "tests.support.django_app.settings"
 
 
-async def test_django_on_gunicorn_under_load_while_contract_drops_a_column(dsn: str) -> None:
+@pytest.mark.parametrize(
+    "preload",
+    [
+        pytest.param([], id="ready-in-each-worker"),
+        # ready() runs in the master: the hooks stop its agent and start one per worker.
+        pytest.param(["--preload", "--config", "python:tests.support.gunicorn_conf"], id="preload"),
+    ],
+)
+async def test_django_on_gunicorn_under_load_while_contract_drops_a_column(
+    dsn: str, preload: list[str]
+) -> None:
+    argv = gunicorn(
+        "tests.support.django_app.wsgi:application",
+        "--workers", "2", "--worker-class", "gthread", "--threads", "8", *preload,
+    )  # fmt: skip
+    server = "gunicorn gthread (8 threads)" + (", --preload" if preload else "")
     with trio.fail_after(90):
-        run = await run_under_load(
-            dsn,
-            gunicorn("tests.support.django_app.wsgi:application",
-                     "--workers", "2", "--worker-class", "gthread", "--threads", "8"),
-            framework="Django", server="gunicorn gthread (8 threads)", workers=2,
-        )  # fmt: skip
+        run = await run_under_load(dsn, argv, framework="Django", server=server, workers=2)
     run.check(dsn)
+    run.check_one_agent_per_worker()
     assert run.returncode == 0, run.summary()
 
 
@@ -74,6 +85,7 @@ def _django(*args: str, url: str, commands: str = "") -> subprocess.CompletedPro
         **os.environ,
         "LOCKSTEP_TEST_URL": url,
         "LOCKSTEP_TEST_COMMANDS": commands,
+        "LOCKSTEP_TEST_JOIN_GRACE": "0.5",  # the listener never answers: do not wait 5 s
         "DJANGO_SETTINGS_MODULE": SETTINGS,
     }
     env.pop("LOCKSTEP_TEST_APP_DSN", None)

@@ -38,4 +38,5 @@ async def test_flask_on_gunicorn_under_load_while_contract_drops_a_column(dsn: s
             workers=2,
         )
     run.check(dsn)
+    run.check_one_agent_per_worker()
     assert run.returncode == 0, run.summary()

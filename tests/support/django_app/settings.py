@@ -32,4 +32,5 @@ LOCKSTEP = {
     "dsn": os.environ.get("LOCKSTEP_TEST_APP_DSN") or None,
     "using": ["add_email"],
     "management_commands": os.environ.get("LOCKSTEP_TEST_COMMANDS", "").split(),
+    "join_grace": float(os.environ.get("LOCKSTEP_TEST_JOIN_GRACE", "5")),
 }
