@@ -52,7 +52,7 @@ def _config() -> dict[str, Any]:
         )
     for key in ("management_commands", "using"):
         names = value.get(key, [])
-        if isinstance(names, str) or not all(isinstance(n, str) for n in names):
+        if not isinstance(names, list | tuple) or not all(isinstance(n, str) for n in names):
             raise ImproperlyConfigured(f"settings.LOCKSTEP[{key!r}] must be a list of names")
     return value
 

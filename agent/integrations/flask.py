@@ -41,8 +41,9 @@ class Lockstep:
 
     def init_app(self, app: Flask) -> None:
         """Read the app's settings (bad ones raise `AgentConfigError` here, naming them)."""
+        settings = app.config.get("LOCKSTEP", {})
         holder = ProcessAgent.from_settings(
-            {**app.config.get("LOCKSTEP", {}), **self._options},
+            {**settings, **self._options} if isinstance(settings, dict) else settings,
             where='app.config["LOCKSTEP"]',
             default_agent_id="flask-{hostname}-{pid}",
         )

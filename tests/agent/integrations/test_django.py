@@ -40,3 +40,27 @@ def test_should_start(
 
 def test_no_management_command_runs_under_pytest() -> None:
     assert integration.running_command() is None
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("ws://coordinator:8765", "settings.LOCKSTEP must be a dict"),
+        ({"urls": "ws://x:1", "using": "add_email"}, "LOCKSTEP['using'] must be a list"),
+        ({"dsn": "postgresql://"}, "settings.LOCKSTEP has no 'urls'"),
+        ({"urls": "ws://x:1", "tokn": "t"}, "unknown agent option(s) tokn"),
+    ],
+)
+def test_bad_settings_are_improperly_configured_naming_them(
+    monkeypatch: pytest.MonkeyPatch, value: object, message: str
+) -> None:
+    from django.conf import settings
+    from django.core.exceptions import ImproperlyConfigured
+
+    if not settings.configured:
+        settings.configure()
+    monkeypatch.setattr(settings, "LOCKSTEP", value, raising=False)
+    monkeypatch.setattr(integration, "_process_agent", None)
+    with pytest.raises(ImproperlyConfigured) as raised:
+        integration.process_agent()
+    assert message in str(raised.value)

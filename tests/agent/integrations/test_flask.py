@@ -37,3 +37,10 @@ async def test_the_agent_starts_at_the_first_request_not_at_import(dsn: str) -> 
         assert response.json == {"query": "old"}
         await coord.wait_for_agents(1, timeout=10)
         await trio.to_thread.run_sync(lambda: lockstep.agent.stop())
+
+
+def test_settings_that_are_not_a_dict_are_refused() -> None:
+    app = flask.Flask(__name__)
+    app.config["LOCKSTEP"] = "ws://127.0.0.1:1"
+    with pytest.raises(AgentConfigError, match="must be a dict, not str"):
+        Lockstep(app)
