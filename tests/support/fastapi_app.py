@@ -1,9 +1,8 @@
-"""A FastAPI app embedding the asyncio agent, for the load test (run by a real uvicorn).
+"""A FastAPI app embedding the asyncio agent through `lockstep_lifespan`, for the load test
+(run by a real uvicorn; see tests/support/load.py for what ``GET /users`` does).
 
-`LOCKSTEP_TEST_URL`, `LOCKSTEP_TEST_APP_DSN` and `LOCKSTEP_TEST_AGENT_ID` configure it.
-`GET /users` picks its query by migration ``add_email`` inside ``agent.using``: the old query
-reads ``old_name`` (which the migration's CONTRACT drops), the new one reads ``email`` (which
-its EXECUTE adds). A query that fails is a 500: the load test counts them.
+`LOCKSTEP_TEST_URL` and `LOCKSTEP_TEST_APP_DSN` configure it. The app's own lifespan (a small
+pool of connections) composes with the agent's: it runs inside, the agent already started.
 """
 
 from __future__ import annotations
@@ -15,56 +14,49 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import psycopg
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from agent.aio import open_asyncio_agent
+from agent.integrations.starlette import lockstep_lifespan
+from tests.support.load import MIGRATION_NAME, NEW_QUERY, OLD_QUERY, WORK_BEFORE_QUERY
 
-MIGRATION = "add_email"
-OLD_QUERY = "SELECT id, old_name FROM users ORDER BY id"
-NEW_QUERY = "SELECT id, email FROM users ORDER BY id"
+DSN = os.environ["LOCKSTEP_TEST_APP_DSN"]
 CONNECTIONS = 4
-#: Work a request does between choosing its query set and querying (auth, validation...):
-#: the window in which a schema change would break a request that chose the old set.
-WORK_BEFORE_QUERY = 0.15
 
 
 @asynccontextmanager
-async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    dsn = os.environ["LOCKSTEP_TEST_APP_DSN"]
-    pool: asyncio.Queue[psycopg.AsyncConnection[Any]] = asyncio.Queue()
+async def pool(app: FastAPI) -> AsyncIterator[None]:
+    app.state.pool = asyncio.Queue()
     for _ in range(CONNECTIONS):
-        pool.put_nowait(await psycopg.AsyncConnection.connect(dsn, autocommit=True))
-    async with open_asyncio_agent(
-        os.environ["LOCKSTEP_TEST_URL"],
-        agent_id=os.environ.get("LOCKSTEP_TEST_AGENT_ID", f"fastapi-{os.getpid()}"),
-        dsn=dsn,
-    ) as agent:
-        app.state.agent, app.state.pool = agent, pool
-        yield
-    while not pool.empty():
-        await pool.get_nowait().close()
+        app.state.pool.put_nowait(await psycopg.AsyncConnection.connect(DSN, autocommit=True))
+    yield
+    while not app.state.pool.empty():
+        await app.state.pool.get_nowait().close()
 
 
-app = FastAPI(lifespan=lifespan)
+app = FastAPI(
+    lifespan=lockstep_lifespan(
+        os.environ["LOCKSTEP_TEST_URL"], agent_id="fastapi-{pid}", dsn=DSN, lifespan=pool
+    )
+)
 
 
 @app.get("/users")
-async def users() -> JSONResponse:
-    agent, pool = app.state.agent, app.state.pool
-    with agent.using(MIGRATION) as new:
+async def users(request: Request) -> JSONResponse:
+    lockstep, connections = request.app.state.lockstep, request.app.state.pool
+    with lockstep.using(MIGRATION_NAME) as new:
         await asyncio.sleep(WORK_BEFORE_QUERY)
-        conn = await pool.get()
+        conn: psycopg.AsyncConnection[Any] = await connections.get()
         try:
             rows = await (await conn.execute(NEW_QUERY if new else OLD_QUERY)).fetchall()
         except psycopg.Error as exc:
             return JSONResponse({"error": str(exc), "new": new}, status_code=500)
         finally:
-            pool.put_nowait(conn)
+            connections.put_nowait(conn)
     return JSONResponse({"new": new, "rows": len(rows)})
 
 
 @app.get("/ready")
-async def ready() -> JSONResponse:
-    agent = app.state.agent
-    return JSONResponse({"connected": agent.connected, "synced": agent.synced})
+async def ready(request: Request) -> JSONResponse:
+    lockstep = request.app.state.lockstep
+    return JSONResponse({"connected": lockstep.connected, "synced": lockstep.synced})
