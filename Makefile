@@ -24,7 +24,7 @@ help:
 	@echo "make install        create $(VENV) and install lockstep with its dev extras"
 	@echo "make test           run the test suite (PYTEST_ARGS='...' passes options to pytest)"
 	@echo "make test-thorough  the property tests with many more examples (minutes)"
-	@echo "make fault          the long hostile-client suite: a million frames, floods (minutes)"
+	@echo "make fault          the long fault suites: leader failover at every point, hostile clients (minutes)"
 	@echo "make lint           ruff check, ruff format --check, mypy, import contracts"
 	@echo "make format         ruff format and ruff check --fix"
 	@echo "make demo           run 'lockstep demo' (ARGS='...' passes options)"
@@ -62,7 +62,8 @@ test-thorough: $(STAMP)
 	$(BIN)/python -m pytest tests/properties tests/statemachine \
 	  --hypothesis-profile=thorough $(PYTEST_ARGS)
 
-# A million fuzzed frames and connection floods, all on 127.0.0.1, bounded in count and time.
+# Leader failover at every point of a migration (SIGKILL, lost lock session, database restart)
+# and a million fuzzed frames and connection floods; all on 127.0.0.1, bounded in time.
 fault: $(STAMP)
 	$(BIN)/python -m pytest tests/fault -m fault -s $(PYTEST_ARGS)
 

@@ -392,8 +392,14 @@ def _judge(outcome: Outcome, dsn: str, point: Point, report: dict[str, Any]) -> 
         if agent["failed_count"]:
             outcome.problems.append(f"{agent['id']} failed queries: {agent['failed']}")
     resynced = sum(1 for call in report["calls"] if call["resynced"])
-    outcome.saw = f"{outcome.reconnects} reconnect(s); {resynced} resync hook(s); " + "; ".join(
-        f"{a['id']}: {' '.join(a['seen'])}" for a in report["agents"][:1]
+    repeated = sorted(
+        {p.split(":")[-1] for a in report["agents"] for p in a["seen"] if a["seen"].count(p) > 1}
+    )
+    agents = len(report["agents"])
+    outcome.saw = (
+        f"{outcome.reconnects / agents:g} reconnect(s) each; "
+        + (f"{'+'.join(repeated)} notice sent again" if repeated else "no notice repeated")
+        + (f"; {resynced} resync hook(s)" if resynced else "")
     )
 
 
@@ -417,7 +423,7 @@ def summary_table(outcomes: list[Outcome]) -> str:
             + ", ".join(f"{n}x {s}" for s, n in statuses.items())
             + f" | {_spread([o.takeover for o in runs])} | {_spread([o.finished for o in runs])}"
             f" | {sum(o.queries_ok for o in runs)} / {sum(o.queries_failed for o in runs)}"
-            f" | {runs[0].saw[:90]} |"
+            f" | {'; '.join(sorted({o.saw for o in runs}))} |"
         )
     return "\n".join(lines)
 
