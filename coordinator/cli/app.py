@@ -117,6 +117,12 @@ def main(argv: list[str] | None = None) -> int:
     func: Callable[[argparse.Namespace], int] = args.func
     terminated = _Terminated()
     previous = signal.signal(signal.SIGTERM, terminated)
+    # A process started in the background by a non-interactive shell (`cmd &`, some init
+    # scripts and supervisors) inherits SIGINT *ignored*; SIGTERM, re-raised as SIGINT, would
+    # then do nothing and `lockstep serve` could not be stopped. Both signals stop lockstep.
+    previous_int = signal.getsignal(signal.SIGINT)
+    if previous_int is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         return func(args)
     except CommandError as exc:
@@ -142,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BROKEN_PIPE
     finally:
         signal.signal(signal.SIGTERM, previous)
+        if previous_int is signal.SIG_IGN:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
         try:
             sys.stdout.flush()
         except BrokenPipeError:

@@ -113,8 +113,14 @@ def test_serving_off_loopback_without_a_token_needs_insecure(tmp_path: Path) -> 
     assert "--insecure" in proc.stderr
 
 
-def test_sigterm_is_reported_like_sigint(tmp_path: Path, dsn: str) -> None:
+@pytest.mark.parametrize("sigint", ["default", "ignored"])
+def test_sigterm_is_reported_like_sigint(tmp_path: Path, dsn: str, sigint: str) -> None:
+    """Also when started with SIGINT ignored, as a shell's background job is (`cmd &`)."""
     (tmp_path / "m.sql").write_text("SELECT 1;")
+
+    def start() -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN if sigint == "ignored" else signal.SIG_DFL)
+
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -133,11 +139,17 @@ def test_sigterm_is_reported_like_sigint(tmp_path: Path, dsn: str) -> None:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=start,
     )
-    assert proc.stdout is not None
-    assert "waiting for" in proc.stdout.readline() + proc.stdout.readline()
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=20)
+    try:
+        assert proc.stdout is not None
+        assert "waiting for" in proc.stdout.readline() + proc.stdout.readline()
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
     assert proc.returncode == 143
     assert "terminated" in err and "Traceback" not in err
 
