@@ -349,9 +349,7 @@ async def test_cohort_agent_disconnecting_rolls_back_at_once(dsn: str, hook: str
         stalled.set()
         await trio.sleep_forever()
 
-    async with open_coordinator(
-        dsn, port=0, ack_timeout=NEVER, on_agent_loss="rollback"
-    ) as coord:
+    async with open_coordinator(dsn, port=0, ack_timeout=NEVER, on_agent_loss="rollback") as coord:
         events = EventLog()
         coord.subscribe(events)
         leaver_scope = trio.CancelScope()
