@@ -8,8 +8,8 @@ in a reason is shown as text. ``--watch`` redraws every ``--interval`` seconds u
 ``--json`` prints one object: ``{"waiting_for_a_coordinator": bool, "leader": {"holder",
 "epoch", "since", "alive"} | null, "queue": [name], "in_flight": [{"name", "state", "since",
 "executed", "contracted", "cohort", "acked", "pending", "departing", "departed",
-"lock_retries", "backfills", "message", "abort_requested"}], "migrations": [{"name", "status", "started_at",
-"finished_at", "schema_restored", "reason"}]}`` (times in ISO 8601).
+"lock_retries", "backfills", "message", "abort_requested"}], "migrations": [{"name",
+"status", "started_at", "finished_at", "schema_restored", "reason"}]}`` (times in ISO 8601).
 """
 
 from __future__ import annotations
