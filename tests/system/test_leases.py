@@ -163,6 +163,8 @@ async def test_a_partitioned_agent_fences_itself_before_contract(dsn: str) -> No
                 result = await coord.run_migration(rename())
             assert result.status is MigrationStatus.COMPLETED, result.reason
             assert result.departed == ("behind",)
+            assert traffic["behind"].failed == 0, traffic["behind"].errors
+            assert "fenced" in marks, "CONTRACT ran while the partitioned agent was unfenced"
             fence_after = marks["fenced"] - marks["partition"]
             contract_after = marks["contract"] - marks["partition"]
             print(
