@@ -294,19 +294,20 @@ async def keep_connected(
     async def read_durable() -> frozenset[str] | str | None:
         return await trio.to_thread.run_sync(read_for_boot, durable, abandon_on_cancel=True)
 
-    async with trio.open_nursery() as nursery:
-        if durable is not None:
-            nursery.start_soon(keep_durable_fresh, agent, read_durable, trio.sleep)
-        await stay_connected(
-            agent,
-            dialer,
-            attempt=attempt,
-            sleep=trio.sleep,
-            read_durable=None if durable is None else read_durable,
-            reconnect=reconnect,
-            booted=lambda: task_status.started(agent),
-        )
-        nursery.cancel_scope.cancel()
+    with unwrap_single_group():  # what the boot raises reaches the app as itself
+        async with trio.open_nursery() as nursery:
+            if durable is not None:
+                nursery.start_soon(keep_durable_fresh, agent, read_durable, trio.sleep)
+            await stay_connected(
+                agent,
+                dialer,
+                attempt=attempt,
+                sleep=trio.sleep,
+                read_durable=None if durable is None else read_durable,
+                reconnect=reconnect,
+                booted=lambda: task_status.started(agent),
+            )
+            nursery.cancel_scope.cancel()
 
 
 @contextlib.asynccontextmanager

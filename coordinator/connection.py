@@ -306,7 +306,11 @@ async def _send_frames(ws: WebSocketConnection, outbox: trio.MemoryReceiveChanne
 
 
 async def _heartbeat(interval: float, ws: WebSocketConnection) -> None:
-    """Detect dead peers: a ping must be answered within `interval` seconds."""
+    """Detect dead peers: a ping must be answered within `interval` seconds. Off by default
+    (interval 0): an agent's liveness is its lease (`Fleet.sweep_leases`, one task for the
+    fleet, which also closes the link of an agent that stopped renewing), so no task per
+    connection wakes up, and a closed link only makes an agent departing, never decides a
+    migration."""
     if not math.isfinite(interval) or interval <= 0:
         return
     while True:

@@ -72,7 +72,7 @@ class Coordinator:
         executor: Executor,
         history: History | None = None,
         ack_timeout: float = 30.0,
-        heartbeat_interval: float = 5.0,
+        heartbeat_interval: float = 0.0,
         handshake_timeout: float = 5.0,
         token: str | None = None,
         shared_token: bool = False,
@@ -493,7 +493,7 @@ async def open_coordinator(
     lock_timeout: float = 0.5,
     statement_timeout: float | None = DEFAULT_STATEMENT_TIMEOUT,
     lock_retry: RetryPolicy | None = None,
-    heartbeat_interval: float = 5.0,
+    heartbeat_interval: float = 0.0,
     token: str | None = None,
     shared_token: bool = False,
     limits: ConnectionLimits | None = None,
@@ -514,6 +514,8 @@ async def open_coordinator(
     `token` is the fleet secret: each agent presents `statemachine.agent_credential(token,
     agent_id)`; the secret itself is accepted as well only with `shared_token=True`.
     `limits` bounds connections still in their handshake (`ConnectionLimits`).
+    `heartbeat_interval` (seconds; 0, the default: none) adds a WebSocket ping per connection;
+    liveness is the agents' leases, checked by one sweeper for the whole fleet.
     `lease_seconds` is each agent's lease (docs/leases.md); `on_agent_loss` what a cohort
     agent's disconnect means ("wait" for its lease, or "rollback" at once);
     `durable_readers=True` when agents may vouch from the durable state (`dsn=`/`connect=`):
