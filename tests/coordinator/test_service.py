@@ -7,6 +7,7 @@ The SIGKILL versions with real processes are in tests/system/test_serve_faults.p
 from __future__ import annotations
 
 import json
+from collections.abc import Awaitable, Callable
 
 import psycopg
 import pytest
@@ -55,6 +56,23 @@ async def _until(predicate: object, timeout: float = 15) -> None:
     with trio.fail_after(timeout):
         while not predicate():
             await trio.sleep(0.05)
+
+
+def _first_leader(
+    dsn: str, firsts: list[Service], leading: trio.Event, stop: trio.Event, stopped: trio.Event
+) -> Callable[[], Awaitable[None]]:
+    """A service that leads (`leading`, appended to `firsts`) until `stop`, then stops
+    without rolling anything back: its run stays durable for the next leader (`stopped`)."""
+
+    async def first_leader() -> None:
+        async with open_service(dsn, **FAST) as first:
+            await first.wait_until_leader()
+            firsts.append(first)
+            leading.set()
+            await stop.wait()
+        stopped.set()
+
+    return first_leader
 
 
 async def test_a_submitted_migration_is_run_by_the_leader_with_its_fleet(dsn: str) -> None:
@@ -149,14 +167,7 @@ async def test_a_stopped_leader_leaves_its_run_to_the_standby_which_finishes_it(
 
     leading, stop, stopped = trio.Event(), trio.Event(), trio.Event()
     firsts: list[Service] = []
-
-    async def first_leader() -> None:
-        async with open_service(dsn, **FAST) as first:
-            await first.wait_until_leader()
-            firsts.append(first)
-            leading.set()
-            await stop.wait()
-        stopped.set()  # `first` stopped mid-APPLY: no rollback, the state is durable
+    first_leader = _first_leader(dsn, firsts, leading, stop, stopped)
 
     with trio.fail_after(150):  # stopping `first` takes ~30 s today: see the issue 8 note
         async with trio.open_nursery() as nursery:
@@ -191,15 +202,8 @@ async def test_a_new_leader_waits_out_leases_it_cannot_account_for(dsn: str) -> 
 
     leading, stop, stopped = trio.Event(), trio.Event(), trio.Event()
     firsts: list[Service] = []
+    first_leader = _first_leader(dsn, firsts, leading, stop, stopped)
     marks: dict[str, float] = {}
-
-    async def first_leader() -> None:
-        async with open_service(dsn, **FAST) as first:
-            await first.wait_until_leader()
-            firsts.append(first)
-            leading.set()
-            await stop.wait()
-        stopped.set()
 
     def on_event(event: Event) -> None:
         if isinstance(event, PhaseStarted) and event.phase is Phase.CONTRACT:

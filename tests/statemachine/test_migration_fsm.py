@@ -58,6 +58,14 @@ def _to_apply(m: MigrationMachine, *agents: str) -> None:
     assert m.state is S.APPLY
 
 
+def _enter(m: MigrationMachine, phase: Phase, *agents: str) -> None:
+    """Start `m` and bring it to the acked `phase` (ANNOUNCE or APPLY), all `agents` acking."""
+    if phase is Phase.APPLY:
+        _to_apply(m, *agents)
+    else:
+        m.start()
+
+
 # ------------------------------------------------------------------ happy paths
 def test_happy_path_without_contract() -> None:
     m = _machine("a", "b")
@@ -141,10 +149,7 @@ def test_empty_cohort_runs_straight_through() -> None:
 @pytest.mark.parametrize("phase", [Phase.ANNOUNCE, Phase.APPLY])
 def test_nack_rolls_back_then_fails(phase: Phase) -> None:
     m = _machine("a", "b")
-    if phase is Phase.APPLY:
-        _to_apply(m, "a", "b")
-    else:
-        m.start()
+    _enter(m, phase, "a", "b")
     m.receive_ack("a", MID, phase)
     assert m.receive_nack("b", MID, phase, "ValueError: no") is AckOutcome.RECORDED
     assert m.state is S.ROLLBACK
@@ -166,10 +171,7 @@ def test_nack_rolls_back_then_fails(phase: Phase) -> None:
 def test_disconnect_before_acking_rolls_back(phase: Phase) -> None:
     """on_agent_loss="rollback": the behaviour before leases."""
     m = _machine("a", "b", policy="rollback")
-    if phase is Phase.APPLY:
-        _to_apply(m, "a", "b")
-    else:
-        m.start()
+    _enter(m, phase, "a", "b")
     assert m.agent_disconnected("b") is AckOutcome.RECORDED
     assert m.state is S.ROLLBACK
     assert m.failure is not None
@@ -194,10 +196,7 @@ def test_disconnect_after_acking_changes_nothing() -> None:
 @pytest.mark.parametrize("phase", [Phase.ANNOUNCE, Phase.APPLY])
 def test_deadline_rolls_back_naming_the_missing_agents(phase: Phase) -> None:
     m = _machine("c", "a", "b")
-    if phase is Phase.APPLY:
-        _to_apply(m, "a", "b", "c")
-    else:
-        m.start()
+    _enter(m, phase, "a", "b", "c")
     m.receive_ack("b", MID, phase)
     assert m.deadline_passed(2.5) is True
     assert m.state is S.ROLLBACK
@@ -502,10 +501,7 @@ def test_rollback_does_not_wait_again_for_agents_that_missed_the_deadline() -> N
 @pytest.mark.parametrize("phase", [Phase.ANNOUNCE, Phase.APPLY])
 def test_disconnect_waits_and_a_reconnect_with_an_ack_completes(phase: Phase) -> None:
     m = _machine("a", "b", contract=True)
-    if phase is Phase.APPLY:
-        _to_apply(m, "a", "b")
-    else:
-        m.start()
+    _enter(m, phase, "a", "b")
     assert m.agent_disconnected("b") is AckOutcome.STALE
     assert m.state.phase is phase and m.failure is None
     assert m.departing == {"b"}
@@ -559,19 +555,13 @@ def test_a_connected_agent_whose_lease_expires_departs_too() -> None:
 @pytest.mark.parametrize("phase", [Phase.ANNOUNCE, Phase.APPLY])
 def test_waiting_still_rolls_back_on_a_nack_and_on_the_deadline(phase: Phase) -> None:
     m = _machine("a", "b", "c")
-    if phase is Phase.APPLY:
-        _to_apply(m, "a", "b", "c")
-    else:
-        m.start()
+    _enter(m, phase, "a", "b", "c")
     m.agent_disconnected("c")
     m.receive_nack("a", MID, phase, "no")
     assert m.state is S.ROLLBACK and m.failure is not None
     assert m.failure.kind is FailureKind.NACK
     m2 = _machine("a", "b")
-    if phase is Phase.APPLY:
-        _to_apply(m2, "a", "b")
-    else:
-        m2.start()
+    _enter(m2, phase, "a", "b")
     m2.receive_ack("a", MID, phase)
     m2.agent_disconnected("b")
     assert m2.deadline_passed(5.0) is True
