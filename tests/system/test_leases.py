@@ -346,3 +346,26 @@ async def test_rollback_mode_still_rolls_back_on_a_disconnect(dsn: str) -> None:
     assert result.status is MigrationStatus.FAILED
     assert result.reason == "agent leaver disconnected in APPLY before acking"
     assert result.departed == ()
+
+
+async def test_durable_readers_make_contract_wait_one_lease_after_apply(dsn: str) -> None:
+    """With durable_readers, CONTRACT starts only a certain-expiry after APPLY's checkpoint
+    was written: every agent reading the database has re-read it (or fenced) by then."""
+    make_items(dsn)
+    starts: dict[Phase, float] = {}
+
+    def mark(phase: Phase) -> Callable[[], None]:
+        return lambda: starts.setdefault(phase, trio.current_time())
+
+    async with (
+        open_coordinator(dsn, port=0, lease_seconds=1.0, durable_readers=True) as coord,
+        open_agent(coord.url, agent_id="a1", lease_seconds=1.0),
+    ):
+        coord.subscribe(phase_started(Phase.APPLY, mark(Phase.APPLY)))
+        coord.subscribe(phase_started(Phase.CONTRACT, mark(Phase.CONTRACT)))
+        await coord.wait_for_agents(1, timeout=10)
+        with trio.fail_after(30):
+            result = await coord.run_migration(rename())
+    assert result.status is MigrationStatus.COMPLETED, result.reason
+    waited = starts[Phase.CONTRACT] - starts[Phase.APPLY]
+    assert waited >= certainly_expired_after(1.0)
