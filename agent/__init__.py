@@ -5,6 +5,7 @@ from agent.client import Agent, open_agent
 from agent.errors import (
     AgentConfigError,
     AgentError,
+    AgentFenced,
     AgentForked,
     CoordinatorUnreachable,
     HandshakeRejected,
@@ -16,6 +17,7 @@ __all__ = [
     "Agent",
     "AgentConfigError",
     "AgentError",
+    "AgentFenced",
     "AgentForked",
     "CoordinatorUnreachable",
     "HandshakeRejected",

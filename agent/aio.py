@@ -21,7 +21,7 @@ import logging
 import ssl
 from collections.abc import AsyncIterator, Callable, Sequence
 
-from agent.connecting import stay_connected
+from agent.connecting import keep_durable_fresh, stay_connected
 from agent.dialing import (
     Dialer,
     coordinator_urls,
@@ -36,6 +36,7 @@ from agent.errors import (
     StaleLeader,
 )
 from agent.session import AgentSession, HookFn, MigrationInfo, ResyncStep
+from statemachine.lease import DEFAULT_LEASE_SECONDS
 from statemachine.protocol import MAX_FRAME_BYTES, PhaseNotice, Welcome
 
 try:
@@ -60,6 +61,8 @@ class AsyncioAgent(AgentSession):
         on_apply: HookFn | None = None,
         on_confirm: HookFn | None = None,
         on_rollback: HookFn | None = None,
+        lease_seconds: float = DEFAULT_LEASE_SECONDS,
+        has_durable: bool = False,
     ) -> None:
         super().__init__(
             agent_id,
@@ -67,6 +70,8 @@ class AsyncioAgent(AgentSession):
             on_apply=on_apply,
             on_confirm=on_confirm,
             on_rollback=on_rollback,
+            lease_seconds=lease_seconds,
+            has_durable=has_durable,
         )
         self.disconnected = asyncio.Event()
 
@@ -92,6 +97,29 @@ class AsyncioAgent(AgentSession):
                 await fn(step.info())
             except Exception:
                 self.log_resync_failure(step)
+
+    async def keep_lease(self, ws: ClientConnection) -> None:
+        """Renew the lease every lease/3 s; return once it lapsed (`Agent.keep_lease`)."""
+        while (interval := self.renew_every) is not None:
+            await asyncio.sleep(interval)
+            if self.lease_lapsed():
+                return
+            with contextlib.suppress(ConnectionClosed):
+                await ws.send(self.renew_frame())
+        await asyncio.Future()  # no leases: only the connection's end ends the session
+
+    async def serve_leased(self, ws: ClientConnection) -> None:
+        """`run` and `keep_lease` together: whichever ends first ends the connection."""
+        answer = asyncio.create_task(self.run(ws))
+        renew = asyncio.create_task(self.keep_lease(ws))
+        try:
+            await asyncio.wait((answer, renew), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (answer, renew):
+                task.cancel()
+            await asyncio.gather(answer, renew, return_exceptions=True)
+        if answer.done() and not answer.cancelled() and answer.exception() is not None:
+            raise answer.exception()  # type: ignore[misc]
 
     async def run(self, ws: ClientConnection) -> None:
         """Answer notices on an already handshaken `ws` until the connection closes."""
@@ -193,7 +221,7 @@ async def _connect_once(
             except TimeoutError:
                 raise HandshakeRejected("timeout", "no welcome from the coordinator") from None
             on_joined()
-            await agent.run(ws)
+            await agent.serve_leased(ws)
     except (HandshakeRejected, StaleLeader):
         raise
     except (OSError, InvalidHandshake, TimeoutError) as exc:
@@ -235,6 +263,11 @@ async def keep_connected(
     async def read_durable() -> frozenset[str] | str | None:
         return await asyncio.to_thread(read_for_boot, durable)
 
+    fresh = (
+        None
+        if durable is None
+        else asyncio.create_task(keep_durable_fresh(agent, read_durable, asyncio.sleep))
+    )
     try:
         await stay_connected(
             agent,
@@ -248,6 +281,8 @@ async def keep_connected(
     except AgentError as exc:  # raised at boot only: `open_asyncio_agent` raises it
         boot(exc)
     finally:
+        if fresh is not None:
+            fresh.cancel()
         boot()  # ended before booting (reconnect=False): let the app start anyway
 
 
@@ -269,8 +304,10 @@ async def open_asyncio_agent(
     wait_connected: bool = False,
     join_grace: float = 5.0,
     max_backoff: float = 5.0,
+    lease_seconds: float = DEFAULT_LEASE_SECONDS,
 ) -> AsyncIterator[AsyncioAgent]:
-    """`agent.open_agent` for asyncio apps: same arguments, same boot rules, async hooks."""
+    """`agent.open_agent` for asyncio apps: same arguments, same boot rules, async hooks,
+    the same lease and fencing (`agent.ready`, `AgentFenced`)."""
     urls = coordinator_urls(url)
     durable = DurableState.maybe(dsn, connect)
     agent = AsyncioAgent(
@@ -279,6 +316,8 @@ async def open_asyncio_agent(
         on_apply=on_apply,
         on_confirm=on_confirm,
         on_rollback=on_rollback,
+        lease_seconds=lease_seconds,
+        has_durable=durable is not None,
     )
     booted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
     task = asyncio.create_task(
@@ -303,6 +342,7 @@ async def open_asyncio_agent(
             booted.add_done_callback(functools.partial(_log_late_boot_failure, agent_id))
         yield agent
     finally:
+        agent.leaving = True  # fenced from here on: the app is stopping
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task

@@ -28,7 +28,7 @@ from trio_websocket import (
     open_websocket_url,
 )
 
-from agent.connecting import stay_connected
+from agent.connecting import keep_durable_fresh, stay_connected
 from agent.dialing import (
     Dialer,
     coordinator_urls,
@@ -37,11 +37,13 @@ from agent.dialing import (
 from agent.durable import ConnectFn, DurableState, read_for_boot
 from agent.errors import (
     AgentError,
+    AgentFenced,
     CoordinatorUnreachable,
     HandshakeRejected,
 )
 from agent.session import AgentSession, HookFn, MigrationInfo, ResyncStep
 from statemachine.exceptions import unwrap_single_group
+from statemachine.lease import DEFAULT_LEASE_SECONDS
 from statemachine.protocol import PhaseNotice, Welcome
 
 log = logging.getLogger("lockstep.agent")
@@ -58,6 +60,8 @@ class Agent(AgentSession):
         on_apply: HookFn | None = None,
         on_confirm: HookFn | None = None,
         on_rollback: HookFn | None = None,
+        lease_seconds: float = DEFAULT_LEASE_SECONDS,
+        has_durable: bool = False,
     ) -> None:
         super().__init__(
             agent_id,
@@ -65,6 +69,8 @@ class Agent(AgentSession):
             on_apply=on_apply,
             on_confirm=on_confirm,
             on_rollback=on_rollback,
+            lease_seconds=lease_seconds,
+            has_durable=has_durable,
         )
         self.disconnected = trio.Event()
         #: The live connection, so that leaving (`open_agent`'s exit) can close it politely.
@@ -105,7 +111,30 @@ class Agent(AgentSession):
         """Handshake on `ws`, then answer notices until the connection closes."""
         await self.handshake(ws, token)
         task_status.started(self)
-        await self.run(ws)
+        await self.serve_leased(ws)
+
+    async def keep_lease(self, ws: WebSocketConnection) -> None:
+        """Renew the lease every lease/3 seconds; return once it lapsed (the link is dead
+        even if it looks open: a partition), or at once if the coordinator grants none."""
+        while (interval := self.renew_every) is not None:
+            await trio.sleep(interval)
+            if self.lease_lapsed():
+                return
+            with contextlib.suppress(ConnectionClosed):
+                await ws.send_message(self.renew_frame())
+
+    async def serve_leased(self, ws: WebSocketConnection) -> None:
+        """`run` and `keep_lease` together: whichever ends first ends the connection."""
+        async with trio.open_nursery() as nursery:
+
+            async def answer() -> None:
+                await self.run(ws)
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(answer)
+            await self.keep_lease(ws)
+            if self.renew_every is not None:  # lapsed: drop the link, reconnect, resync
+                nursery.cancel_scope.cancel()
 
     async def run(self, ws: WebSocketConnection) -> None:
         """Answer notices on an already handshaken `ws` until the connection closes."""
@@ -181,7 +210,11 @@ async def _connect_once(
     await _check_tls(url, ssl_context, connect_timeout)
     try:
         with unwrap_single_group():
-            async with open_websocket_url(url, ssl_context, connect_timeout=connect_timeout) as ws:
+            # A short disconnect timeout: a link dropped because the lease lapsed is often a
+            # partition, where waiting for the close handshake would only delay the resync.
+            async with open_websocket_url(
+                url, ssl_context, connect_timeout=connect_timeout, disconnect_timeout=2
+            ) as ws:
                 try:
                     with trio.fail_after(connect_timeout):
                         await agent.handshake(ws, token)
@@ -190,7 +223,7 @@ async def _connect_once(
                 on_joined()
                 agent.link = ws
                 try:
-                    await agent.run(ws)
+                    await agent.serve_leased(ws)
                 finally:
                     agent.link = None
     except (OSError, HandshakeError, trio.TooSlowError) as exc:
@@ -261,15 +294,20 @@ async def keep_connected(
     async def read_durable() -> frozenset[str] | str | None:
         return await trio.to_thread.run_sync(read_for_boot, durable, abandon_on_cancel=True)
 
-    await stay_connected(
-        agent,
-        dialer,
-        attempt=attempt,
-        sleep=trio.sleep,
-        read_durable=None if durable is None else read_durable,
-        reconnect=reconnect,
-        booted=lambda: task_status.started(agent),
-    )
+    with unwrap_single_group():  # what the boot raises reaches the app as itself
+        async with trio.open_nursery() as nursery:
+            if durable is not None:
+                nursery.start_soon(keep_durable_fresh, agent, read_durable, trio.sleep)
+            await stay_connected(
+                agent,
+                dialer,
+                attempt=attempt,
+                sleep=trio.sleep,
+                read_durable=None if durable is None else read_durable,
+                reconnect=reconnect,
+                booted=lambda: task_status.started(agent),
+            )
+            nursery.cancel_scope.cancel()
 
 
 @contextlib.asynccontextmanager
@@ -290,6 +328,7 @@ async def open_agent(
     wait_connected: bool = False,
     join_grace: float = 5.0,
     max_backoff: float = 5.0,
+    lease_seconds: float = DEFAULT_LEASE_SECONDS,
 ) -> AsyncIterator[Agent]:
     """Join the coordinator at `url` (or the first of several URLs that accepts) as
     `agent_id` and answer its phases in the background.
@@ -298,8 +337,10 @@ async def open_agent(
     round over the URLs joined or failed (at once for a refused port), or after
     `join_grace` seconds if an attempt hangs, and keeps connecting in the background.
     Meanwhile the agent picks the query set from the durable state in PostgreSQL when given
-    a `dsn` (psycopg) or a `connect` factory (any DB-API connection); without either it
-    starts with nothing applied and `agent.synced` stays False until it reaches a coordinator.
+    a `dsn` (psycopg) or a `connect` factory (any DB-API connection), re-read every
+    `lease_seconds`/3 (each read vouches for `lease_seconds`: give the coordinator's lease);
+    without either it starts *fenced*: `agent.using` raises `AgentFenced` and `agent.ready`
+    is False until it reaches a coordinator.
     With `wait_connected=True` it raises `CoordinatorUnreachable` instead when the first
     round over the URLs fails. It always raises `HandshakeRejected` at boot for a refusal
     retrying cannot fix (bad token, protocol version, a server that is not lockstep).
@@ -310,6 +351,11 @@ async def open_agent(
     were rolled back or completed while it was away (`info.resynced` is True then). For a
     ``wss://`` URL, `ssl_context` is the client context that trusts the coordinator's
     certificate (default: the system's trust store).
+
+    Leases (docs/leases.md): the agent renews the coordinator's lease every lease/3 s. If
+    it lapses (no renewal granted within the lease: a partition, a dead coordinator) the
+    agent fences itself, `using` raises `AgentFenced` and `ready` is False, until it has
+    reconnected and resynced.
     """
     urls = coordinator_urls(url)
     durable = DurableState.maybe(dsn, connect)
@@ -319,6 +365,8 @@ async def open_agent(
         on_apply=on_apply,
         on_confirm=on_confirm,
         on_rollback=on_rollback,
+        lease_seconds=lease_seconds,
+        has_durable=durable is not None,
     )
     with unwrap_single_group():
         async with trio.open_nursery() as nursery:
@@ -373,6 +421,7 @@ async def _leave(agent: Agent) -> None:
 __all__ = [
     "Agent",
     "AgentError",
+    "AgentFenced",
     "CoordinatorUnreachable",
     "HandshakeRejected",
     "MigrationInfo",

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 
 from agent.dialing import Dialer, describe_rejection, is_not_leader
-from agent.durable import boot_without_coordinator
+from agent.durable import boot_without_coordinator, log
 from agent.errors import CoordinatorUnreachable, HandshakeRejected, StaleLeader
 from agent.session import AgentSession
 
@@ -71,16 +71,37 @@ async def stay_connected(
                 if verdict.give_up:
                     return
                 if verdict.boot_now:
+                    read_at = agent.clock()
                     outcome = None if read_durable is None else await read_durable()
-                    boot_without_coordinator(agent, outcome)
+                    boot_without_coordinator(agent, outcome, read_at=read_at)
                     dialer.boot_over()
                     booted()
                 elif verdict.read_durable_again and read_durable is not None:
-                    boot_without_coordinator(agent, await read_durable(), again=True)
+                    read_at = agent.clock()
+                    outcome = await read_durable()
+                    boot_without_coordinator(agent, outcome, again=True, read_at=read_at)
                 delay = verdict.delay
         if not reconnect and not dialer.booting:
             return
         await sleep(delay)
 
 
-__all__ = ["Attempt", "ReadDurable", "Sleep", "stay_connected"]
+async def keep_durable_fresh(agent: AgentSession, read_durable: ReadDurable, sleep: Sleep) -> None:
+    """While the agent vouches from the durable state (no coordinator), re-read it every
+    lease/3: each read vouches for one lease from when it began, so a database that stays
+    unreadable for a whole lease fences the agent. Runs beside `stay_connected`."""
+    while True:
+        await sleep(agent.durable_lease / 3)
+        if agent.synced_from == "coordinator":
+            continue  # the coordinator's lease vouches now
+        read_at = agent.clock()
+        outcome = await read_durable()
+        if not agent.synced:
+            boot_without_coordinator(agent, outcome, again=True, read_at=read_at)
+        elif isinstance(outcome, frozenset):
+            agent.refresh_durable(outcome, read_at)
+        else:
+            log.warning("agent %s: cannot re-read the durable state: %s", agent.agent_id, outcome)
+
+
+__all__ = ["Attempt", "ReadDurable", "Sleep", "keep_durable_fresh", "stay_connected"]

@@ -135,7 +135,11 @@ def read_for_boot(durable: DurableState | None) -> frozenset[str] | str | None:
 
 
 def boot_without_coordinator(
-    session: AgentSession, outcome: frozenset[str] | str | None, *, again: bool = False
+    session: AgentSession,
+    outcome: frozenset[str] | str | None,
+    *,
+    again: bool = False,
+    read_at: float | None = None,
 ) -> None:
     """No coordinator answered the first round: run on the durable state if it was read,
     or say plainly that nothing vouches for the schema yet. Call on the agent's loop.
@@ -143,7 +147,7 @@ def boot_without_coordinator(
     if session.synced:
         return
     if isinstance(outcome, frozenset):
-        session.adopt_durable(outcome)
+        session.adopt_durable(outcome, read_at)
         log.info(
             "agent %s: no coordinator yet; using the durable state in PostgreSQL: %s applied",
             session.agent_id,
@@ -155,8 +159,8 @@ def boot_without_coordinator(
         log.debug("agent %s: durable state still unreadable: %s", session.agent_id, why)
         return
     log.warning(
-        "agent %s: no coordinator reachable and no durable state (%s): starting with nothing "
-        "applied; cannot vouch for the schema until a coordinator is reached",
+        "agent %s: no coordinator reachable and no durable state (%s): starting fenced "
+        "(agent.using raises AgentFenced) until a coordinator is reached",
         session.agent_id,
         why,
     )

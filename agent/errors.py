@@ -37,6 +37,20 @@ class HandshakeRejected(AgentError):
         self.close_code = close_code
 
 
+class AgentFenced(AgentError):
+    """Raised by `agent.using(...)` while the agent cannot vouch for the schema: its lease
+    lapsed (no renewal from the coordinator within the lease; it reconnects and resyncs), it
+    never reached a coordinator and has no durable state to read, the durable state was not
+    re-read within a lease, or the agent was stopped. `reason` says which. An app answers
+    503 for the request: running a query on a schema nobody vouches for could hit a column
+    CONTRACT already dropped."""
+
+    def __init__(self, agent_id: str, reason: str) -> None:
+        super().__init__(f"agent {agent_id} is fenced: {reason}")
+        self.agent_id = agent_id
+        self.reason = reason
+
+
 class StaleLeader(AgentError):
     """Raised inside the connect loop (never to the app) when a coordinator's Welcome carries
     a lower leader epoch than one the agent already saw: a deposed leader, so the agent moves
@@ -57,6 +71,7 @@ class MissingExtra(AgentError, ImportError):
 __all__ = [
     "AgentConfigError",
     "AgentError",
+    "AgentFenced",
     "AgentForked",
     "CoordinatorUnreachable",
     "HandshakeRejected",

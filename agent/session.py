@@ -4,7 +4,8 @@ The trio agent (`agent/client.py`) and the asyncio agent (`agent/aio.py`) only m
 await hooks; everything they decide is here, once: what the hello says, whether a Welcome or a
 notice counts (the leader epoch fence), which hook a notice runs (the pure `AgentMachine`),
 what a hook's failure means, what the reply is, which migrations a reconnect must switch or
-revert, and when the agent may vouch for the schema at all (`synced`).
+revert, and when the agent may vouch for the schema at all (`synced`, and `fenced_reason`:
+the lease of `statemachine.lease`, or a fresh read of the durable state).
 """
 
 from __future__ import annotations
@@ -12,20 +13,30 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
+import time
 from collections.abc import Awaitable, Callable, Iterable
 
-from agent.errors import HandshakeRejected, StaleLeader
+from agent.errors import AgentFenced, HandshakeRejected, StaleLeader
 from agent.inflight import InFlight
 from statemachine.agent_fsm import AgentMachine, AgentState, Hook, Step
+from statemachine.lease import (
+    DEFAULT_LEASE_SECONDS,
+    AgentLease,
+    check_lease_seconds,
+    renew_interval,
+)
 from statemachine.phases import Phase
 from statemachine.protocol import (
     PROTOCOL_VERSION,
     Ack,
     Error,
     Hello,
+    LeaseGrant,
     Nack,
     PhaseNotice,
     ProtocolError,
+    Renew,
     Welcome,
     decode_coordinator_message,
     encode,
@@ -99,8 +110,23 @@ class AgentSession:
         on_apply: HookFn | None = None,
         on_confirm: HookFn | None = None,
         on_rollback: HookFn | None = None,
+        lease_seconds: float = DEFAULT_LEASE_SECONDS,
+        has_durable: bool = False,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.agent_id = agent_id
+        #: How long one read of the durable state vouches for the schema (the coordinator's
+        #: lease, which its destructive SQL waits out for such readers; docs/leases.md).
+        self.durable_lease = check_lease_seconds(lease_seconds)
+        #: Whether a dsn=/connect= was given (only for the fence's reason).
+        self.has_durable = has_durable
+        self.clock = clock
+        #: The coordinator's lease, on this process's monotonic clock.
+        self.lease = AgentLease()
+        self._hello_sent_at = -math.inf
+        self._welcome_lease = 0.0
+        #: Until when the last successful read of the durable state vouches.
+        self.durable_valid_until = -math.inf
         self.hooks: dict[Hook, HookFn | None] = {
             Hook.ON_ANNOUNCE: on_announce,
             Hook.ON_APPLY: on_apply,
@@ -136,7 +162,52 @@ class AgentSession:
         set is), so CONTRACT or rollback SQL never runs under work that still needs the old
         (or new) schema. Safe to use from any thread.
         """
+        reason = self.fenced_reason()
+        if reason is not None:
+            raise AgentFenced(self.agent_id, reason)
         return self.inflight.using(name, self.machine.is_applied)
+
+    def fenced_reason(self) -> str | None:
+        """Why the agent cannot vouch for the schema now, or None when it can."""
+        if self.leaving:
+            return "the agent was stopped"
+        if not self.synced:
+            if not self.has_durable:
+                return "no coordinator reached and no database to read (no dsn= or connect=)"
+            return "no coordinator reached and the durable state could not be read yet"
+        now = self.clock()
+        if self.synced_from == "database":
+            if now < self.durable_valid_until:
+                return None
+            return (
+                f"no coordinator reached and the durable state was not re-read within "
+                f"{self.durable_lease:g} s"
+            )
+        if self.lease.seconds == 0:
+            return None  # a coordinator that grants no leases: vouched while it is up
+        if self.lease.valid(now):
+            return None
+        return f"its lease ({self.lease.seconds:g} s) lapsed without renewal; reconnecting"
+
+    @property
+    def fenced(self) -> bool:
+        return self.fenced_reason() is not None
+
+    @property
+    def ready(self) -> bool:
+        """For readiness probes: connected (or vouched by a fresh durable read), synced, and
+        the lease valid. False means `using` raises `AgentFenced`."""
+        return self.fenced_reason() is None
+
+    def health(self) -> dict[str, object]:
+        """What a readiness endpoint may show: ready, and why not."""
+        reason = self.fenced_reason()
+        return {
+            "ready": reason is None,
+            "reason": reason,
+            "connected": self.connected,
+            "synced_from": self.synced_from,
+        }
 
     @property
     def applied(self) -> frozenset[str]:
@@ -157,6 +228,7 @@ class AgentSession:
 
     # ------------------------------------------------------------ the handshake
     def hello(self, token: str | None) -> str:
+        self._hello_sent_at = self.clock()
         return encode(Hello(protocol=PROTOCOL_VERSION, agent_id=self.agent_id, token=token))
 
     def read_welcome(self, frame: str | bytes) -> Welcome:
@@ -191,21 +263,65 @@ class AgentSession:
                 *(ResyncStep(n, Phase.ROLLBACK, Hook.ON_ROLLBACK) for n in sorted(removed)),
                 *(ResyncStep(n, Phase.APPLY, Hook.ON_APPLY) for n in sorted(added)),
             ]
+        self._welcome_lease = welcome.lease_seconds
         self.mark_synced("coordinator")
         return steps
 
     def session_started(self) -> None:
-        """The handshake (and any resync hooks) are done: the agent is a fleet member."""
+        """The handshake (and any resync hooks) are done: the agent is a fleet member, and
+        the Welcome's lease (counted from the hello) vouches for its schema."""
         self.sessions += 1
         self.connected = True
+        self.lease.welcomed(self._welcome_lease, self._hello_sent_at)
 
-    def adopt_durable(self, applied: Iterable[str]) -> bool:
-        """Take the applied set read from PostgreSQL, unless a Welcome already came."""
+    # ------------------------------------------------------------ the lease
+    @property
+    def renew_every(self) -> float | None:
+        """Seconds between renewals, or None when the coordinator grants no leases."""
+        return renew_interval(self.lease.seconds) if self.lease.seconds else None
+
+    def renew_frame(self) -> str:
+        """The next `Renew`; the lease it obtains counts from now."""
+        return encode(Renew(seq=self.lease.request(self.clock())))
+
+    def lease_lapsed(self) -> bool:
+        """The lease ran out while the link looked alive (a partition): the agent is fenced
+        and must drop the link, reconnect and resync."""
+        if self.lease.seconds == 0 or self.lease.valid(self.clock()):
+            return False
+        log.warning(
+            "agent %s: lease lapsed (no renewal within %g s): fenced until it reconnects",
+            self.agent_id,
+            self.lease.seconds,
+        )
+        return True
+
+    def adopt_durable(self, applied: Iterable[str], read_at: float | None = None) -> bool:
+        """Take the applied set read from PostgreSQL (the read began at `read_at`), unless a
+        Welcome already came; it vouches for one lease from then."""
         if self.synced:
             return False
         self.machine.applied.update(applied)
         self.mark_synced("database")
+        self.durable_valid_until = (self.clock() if read_at is None else read_at) + (
+            self.durable_lease
+        )
         return True
+
+    def refresh_durable(self, applied: frozenset[str], read_at: float) -> None:
+        """A later read of the durable state while still without a coordinator: follow it
+        (switch or revert) and vouch for one more lease from when the read began."""
+        if self.synced_from != "database":
+            return
+        added, removed = self.machine.resync(applied)
+        for name in sorted(added | removed):
+            log.warning(
+                "agent %s: the durable state says %s is %s now",
+                self.agent_id,
+                name,
+                "applied" if name in added else "rolled back",
+            )
+        self.durable_valid_until = max(self.durable_valid_until, read_at + self.durable_lease)
 
     def mark_synced(self, source: str) -> None:
         self.synced = True
@@ -229,6 +345,10 @@ class AgentSession:
             return None
         if isinstance(msg, PhaseNotice):
             return msg
+        if isinstance(msg, LeaseGrant):
+            if not self.lease.granted(msg.seq, msg.seconds):
+                log.debug("agent %s: lease grant %d nobody asked for", self.agent_id, msg.seq)
+            return None
         if isinstance(msg, Error):
             log.warning("agent %s: coordinator error %s: %s", self.agent_id, msg.code, msg.message)
             self.errors.append(msg)

@@ -36,6 +36,7 @@ from agent.dialing import coordinator_urls
 from agent.durable import ConnectFn
 from agent.errors import AgentError, AgentForked
 from agent.session import HookFn, MigrationInfo
+from statemachine.lease import DEFAULT_LEASE_SECONDS
 
 SyncHook = Callable[[MigrationInfo], object]
 
@@ -74,6 +75,7 @@ class ThreadedAgent:
         connect: ConnectFn | None = None,
         wait_connected: bool = False,
         join_grace: float = 5.0,
+        lease_seconds: float = DEFAULT_LEASE_SECONDS,
     ) -> None:
         self.urls = coordinator_urls(url)
         self.url = self.urls[0]
@@ -90,6 +92,7 @@ class ThreadedAgent:
         self._connect = connect
         self._wait_connected = wait_connected
         self._join_grace = join_grace
+        self._lease_seconds = lease_seconds
         self._agent: Agent | None = None
         self._ready = threading.Event()
         self._error: BaseException | None = None
@@ -112,6 +115,25 @@ class ThreadedAgent:
         if agent is None:
             raise AgentError("start() the ThreadedAgent before using it")
         return agent.using(name)
+
+    def fenced_reason(self) -> str | None:
+        """Why `using` would raise `AgentFenced` now, or None (see `Agent.fenced_reason`)."""
+        self._check_process()
+        agent = self._agent
+        return "the agent was not started" if agent is None else agent.fenced_reason()
+
+    @property
+    def ready(self) -> bool:
+        """For readiness probes: True only while `using` would not raise `AgentFenced`."""
+        return self.fenced_reason() is None
+
+    def health(self) -> dict[str, object]:
+        """`Agent.health` from any thread: what a readiness endpoint may show."""
+        self._check_process()
+        agent = self._agent
+        if agent is None:
+            return {"ready": False, "reason": "the agent was not started", "connected": False}
+        return agent.health()
 
     @property
     def applied(self) -> frozenset[str]:
@@ -216,6 +238,7 @@ class ThreadedAgent:
                 connect=self._connect,
                 wait_connected=self._wait_connected,
                 join_grace=self._join_grace,
+                lease_seconds=self._lease_seconds,
                 on_announce=self._on_announce,
                 on_apply=self._on_apply,
                 on_confirm=self._on_confirm,

@@ -37,8 +37,10 @@ from statemachine.protocol import (
     Ack,
     Error,
     Hello,
+    LeaseGrant,
     Nack,
     ProtocolError,
+    Renew,
     Welcome,
     decode_agent_message,
     encode,
@@ -137,6 +139,8 @@ async def serve_connection(
         return
     reason = "connection closed"
     try:
+        # The Welcome is the first grant: counted from now, after the agent sent its hello.
+        coordinator.fleet.grant(hello.agent_id)
         coordinator.agent_joined(hello.agent_id)
         coordinator.events.emit(AgentJoined(hello.agent_id, remote))
         welcome = Welcome(
@@ -145,6 +149,7 @@ async def serve_connection(
             # JSON has no infinity (msgspec writes null, which agents reject): 0 = no pings.
             heartbeat_interval=_wire_interval(coordinator.heartbeat_interval),
             epoch=coordinator.epoch,
+            lease_seconds=coordinator.fleet.lease_seconds,
         )
         await ws.send_message(encode(welcome))
         async with trio.open_nursery() as nursery:
@@ -238,6 +243,13 @@ async def _read_frames(
         if isinstance(msg, Hello):
             _reply_error(coordinator, link, "unexpected_hello", "hello was already received")
             continue
+        if isinstance(msg, Renew):
+            # No grant once the lease certainly expired: the sweeper is closing this link,
+            # and the agent, fenced already, must reconnect and resync.
+            if coordinator.fleet.grant(agent_id):
+                grant = LeaseGrant(seq=msg.seq, seconds=coordinator.fleet.lease_seconds)
+                coordinator.fleet.send(agent_id, encode(grant))
+            continue
         if isinstance(msg, Ack):
             outcome = coordinator.route_ack(agent_id, msg)
         else:
@@ -260,7 +272,7 @@ async def _read_frames(
             )
 
 
-def _decode(frame: str | bytes) -> Hello | Ack | Nack:
+def _decode(frame: str | bytes) -> Hello | Ack | Nack | Renew:
     """`decode_agent_message`, refusing binary frames: the protocol is text frames only."""
     if not isinstance(frame, str):
         raise ProtocolError(
@@ -294,7 +306,11 @@ async def _send_frames(ws: WebSocketConnection, outbox: trio.MemoryReceiveChanne
 
 
 async def _heartbeat(interval: float, ws: WebSocketConnection) -> None:
-    """Detect dead peers: a ping must be answered within `interval` seconds."""
+    """Detect dead peers: a ping must be answered within `interval` seconds. Off by default
+    (interval 0): an agent's liveness is its lease (`Fleet.sweep_leases`, one task for the
+    fleet, which also closes the link of an agent that stopped renewing), so no task per
+    connection wakes up, and a closed link only makes an agent departing, never decides a
+    migration."""
     if not math.isfinite(interval) or interval <= 0:
         return
     while True:

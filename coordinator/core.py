@@ -38,8 +38,10 @@ from coordinator.server import serve_bounded
 from statemachine.checkpoint import Checkpoint, restore
 from statemachine.exceptions import AlreadyApplied, unwrap_single_group
 from statemachine.gate import admit
+from statemachine.lease import DEFAULT_LEASE_SECONDS, check_lease_seconds
 from statemachine.ledger import AckOutcome
 from statemachine.migration import Migration
+from statemachine.migration_fsm import AGENT_LOSS_POLICIES
 from statemachine.phases import MigrationStatus, Phase
 from statemachine.protocol import CLOSE_NOT_LEADER, Ack, Nack
 from statemachine.result import MigrationResult
@@ -70,14 +72,29 @@ class Coordinator:
         executor: Executor,
         history: History | None = None,
         ack_timeout: float = 30.0,
-        heartbeat_interval: float = 5.0,
+        heartbeat_interval: float = 0.0,
         handshake_timeout: float = 5.0,
         token: str | None = None,
         shared_token: bool = False,
         limits: ConnectionLimits | None = None,
+        lease_seconds: float = DEFAULT_LEASE_SECONDS,
+        on_agent_loss: str = "wait",
+        durable_readers: bool = False,
     ) -> None:
         if not ack_timeout > 0:
             raise ValueError(f"ack_timeout must be > 0, got {ack_timeout}")
+        check_lease_seconds(lease_seconds)
+        if on_agent_loss not in AGENT_LOSS_POLICIES:
+            raise ValueError(
+                f"on_agent_loss must be one of {', '.join(AGENT_LOSS_POLICIES)}, "
+                f"got {on_agent_loss!r}"
+            )
+        #: What a cohort agent's disconnect means: "wait" for it to come back or for its
+        #: lease to expire, or "rollback" at once (the behaviour before leases).
+        self.on_agent_loss = on_agent_loss
+        #: Agents may vouch from the durable state (dsn=/connect=): destructive SQL then
+        #: waits one lease after the state change they must read (docs/leases.md).
+        self.durable_readers = durable_readers
         self.executor = executor
         self.history: History = history if history is not None else InMemoryHistory()
         self.ack_timeout = ack_timeout
@@ -88,7 +105,7 @@ class Coordinator:
         self.token = token
         self.shared_token = shared_token
         self.limits = limits if limits is not None else ConnectionLimits()
-        self.fleet = Fleet()
+        self.fleet = Fleet(lease_seconds)
         self.events = EventBus()
         self.url = ""
         self._applied: list[str] = []
@@ -188,6 +205,8 @@ class Coordinator:
                 ack_timeout=self.ack_timeout,
                 history=self.history,
                 warnings=lint_warnings,
+                on_agent_loss=self.on_agent_loss,
+                durable_readers=self.durable_readers,
             )
             await self.history.record_start(migration, Checkpoint.of(run.machine))
             return await self._drive_run(run, rollback_on_cancel=rollback_on_cancel)
@@ -237,8 +256,22 @@ class Coordinator:
                 continue
             written = version
 
+    @property
+    def lease_seconds(self) -> float:
+        return self.fleet.lease_seconds
+
+    def take_over(self, margin: float = 0.0) -> None:
+        """A previous coordinator may have granted leases this one cannot account for: no
+        destructive SQL until they all certainly expired (`Fleet.hold_unaccounted`)."""
+        until = self.fleet.hold_unaccounted((), margin=margin)
+        log.info(
+            "leases granted by a previous coordinator may be valid for %.1f s more: "
+            "CONTRACT and rollback SQL wait for them",
+            until - trio.current_time(),
+        )
+
     # -------------------------------------------------------------- resuming
-    def adopt(self, runs: Sequence[UnfinishedRun]) -> None:
+    def adopt(self, runs: Sequence[UnfinishedRun], *, margin: float = 0.0) -> None:
         """Take over runs a stopped coordinator left, before any agent is served.
 
         The oldest becomes the active migration at once, so the Welcome every reconnecting
@@ -251,7 +284,11 @@ class Coordinator:
                 checkpoint,
                 has_contract=bool(migration.contract_sql),
                 connected=self.fleet.agent_ids,
+                on_agent_loss=self.on_agent_loss,
+                lease_seconds=self.lease_seconds,
             )
+            # The predecessor's agents that are not back: their leases are unaccounted for.
+            self.fleet.hold_unaccounted(machine.departing, margin=margin)
             run = MigrationRun(
                 migration,
                 build_plan(migration),
@@ -261,6 +298,8 @@ class Coordinator:
                 ack_timeout=self.ack_timeout,
                 history=self.history,
                 machine=machine,
+                on_agent_loss=self.on_agent_loss,
+                durable_readers=self.durable_readers,
                 warnings=[
                     f"resumed by a new coordinator: the previous one stopped in "
                     f"{checkpoint.state.name}"
@@ -379,8 +418,17 @@ class Coordinator:
             self._active.on_join(agent_id)
 
     def agent_left(self, agent_id: str) -> None:
+        if self._active is None:
+            return
+        if agent_id in self.fleet.leases:
+            self._active.on_leave(agent_id)  # departing: its lease may still be valid
+        else:
+            self._active.on_lease_expired(agent_id)  # closed because its lease expired
+
+    def lease_expired(self, agent_id: str) -> None:
+        """The fleet's sweeper found `agent_id`'s lease certainly expired."""
         if self._active is not None:
-            self._active.on_leave(agent_id)
+            self._active.on_lease_expired(agent_id)
 
     def is_active_migration(self, migration_id: str) -> bool:
         return self._active is not None and self._active.migration.id == migration_id
@@ -429,6 +477,7 @@ class Coordinator:
             server = await nursery.start(
                 serve_bounded, self.handle_request, host, port, ssl_context, self.limits
             )
+            nursery.start_soon(self.fleet.sweep_leases, self.lease_expired)
             scheme = "ws" if ssl_context is None else "wss"
             self.url = f"{scheme}://{host}:{server.port}"
             task_status.started(self.url)
@@ -444,12 +493,15 @@ async def open_coordinator(
     lock_timeout: float = 0.5,
     statement_timeout: float | None = DEFAULT_STATEMENT_TIMEOUT,
     lock_retry: RetryPolicy | None = None,
-    heartbeat_interval: float = 5.0,
+    heartbeat_interval: float = 0.0,
     token: str | None = None,
     shared_token: bool = False,
     limits: ConnectionLimits | None = None,
     executor: Executor | None = None,
     ssl_context: ssl.SSLContext | None = None,
+    lease_seconds: float = DEFAULT_LEASE_SECONDS,
+    on_agent_loss: str = "wait",
+    durable_readers: bool = False,
 ) -> AsyncIterator[Coordinator]:
     """Start a coordinator for the database at `dsn`, serving agents on `host:port`.
 
@@ -462,9 +514,16 @@ async def open_coordinator(
     `token` is the fleet secret: each agent presents `statemachine.agent_credential(token,
     agent_id)`; the secret itself is accepted as well only with `shared_token=True`.
     `limits` bounds connections still in their handshake (`ConnectionLimits`).
+    `heartbeat_interval` (seconds; 0, the default: none) adds a WebSocket ping per connection;
+    liveness is the agents' leases, checked by one sweeper for the whole fleet.
+    `lease_seconds` is each agent's lease (docs/leases.md); `on_agent_loss` what a cohort
+    agent's disconnect means ("wait" for its lease, or "rollback" at once);
+    `durable_readers=True` when agents may vouch from the durable state (`dsn=`/`connect=`):
+    destructive SQL then waits one lease after the state change they must read.
     """
     history = PostgresHistory(dsn)
     await history.ensure_schema()
+    led_before = await history.current_epoch() > 0
     # Runs a stopped coordinator left are resumed, unless a live one still holds the lock
     # (then they are its own, in progress).
     unfinished = await history.unfinished() if await history.lock_is_free() else []
@@ -484,8 +543,13 @@ async def open_coordinator(
         token=token,
         shared_token=shared_token,
         limits=limits,
+        lease_seconds=lease_seconds,
+        on_agent_loss=on_agent_loss,
+        durable_readers=durable_readers,
     )
     await coordinator.load_history()
+    if led_before:  # a coordinator ran on this database before: its leases may be live
+        coordinator.take_over()
     coordinator.adopt(unfinished)
     with unwrap_single_group():
         async with trio.open_nursery() as nursery:

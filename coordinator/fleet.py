@@ -4,17 +4,24 @@ Each connection gets a bounded outbox drained by its own sender task, so a broad
 non-blocking puts of one already-encoded frame: O(fleet) with no awaits, and one slow or stuck
 agent can never delay the others. An agent whose outbox overflows is disconnected (it would miss
 phase notices otherwise) and, if it owed an ack, that counts as a disconnect.
+
+The fleet also holds every agent's lease (`statemachine.lease.LeaseTable`): an agent that
+disconnected stays *departing* until its lease certainly expired, because until then it may
+still serve on the schema it knew. One sweeper task (`sweep_leases`) declares expiries for the
+whole fleet, whatever its size; nothing runs per connection.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Iterable, Iterator
+import math
+from collections.abc import Callable, Iterable, Iterator
 
 import trio
 
 from statemachine.exceptions import LockstepError
+from statemachine.lease import DEFAULT_LEASE_SECONDS, LeaseTable, certainly_expired_after
 
 log = logging.getLogger("lockstep.coordinator")
 
@@ -50,9 +57,68 @@ class DuplicateAgent(LockstepError):
 
 
 class Fleet:
-    def __init__(self) -> None:
+    def __init__(self, lease_seconds: float = DEFAULT_LEASE_SECONDS) -> None:
         self._links: dict[str, AgentLink] = {}
         self._changed = trio.Event()
+        self.leases = LeaseTable(lease_seconds)
+        self._lease_added = trio.Event()
+        #: Until when (trio clock) leases this coordinator cannot account for may be valid:
+        #: a previous leader's agents that have not come back. Destructive SQL waits for it.
+        self.unaccounted_until = -math.inf
+
+    @property
+    def lease_seconds(self) -> float:
+        return self.leases.seconds
+
+    @property
+    def departing(self) -> frozenset[str]:
+        """Agents not connected whose lease has not certainly expired yet."""
+        return self.leases.holders - self._links.keys()
+
+    def grant(self, agent_id: str) -> bool:
+        """Grant (or renew) `agent_id`'s lease now; False if it certainly expired already
+        (it was declared gone: its connection is being closed, it must reconnect)."""
+        now = trio.current_time()
+        if agent_id not in self.leases:
+            if agent_id not in self._links:
+                return False
+            self.leases.grant(agent_id, now)
+            self._lease_added.set()
+            return True
+        if not self.leases.holds(agent_id, now):
+            return False
+        self.leases.grant(agent_id, now)
+        return True
+
+    def hold_unaccounted(self, agents: Iterable[str], *, margin: float = 0.0) -> float:
+        """A new leader took over: leases granted by its predecessor (to `agents` and to
+        anyone else) may be valid for one more whole lease. Returns the trio time until
+        which destructive SQL must wait."""
+        until = trio.current_time() + certainly_expired_after(self.lease_seconds) + margin
+        self.unaccounted_until = max(self.unaccounted_until, until)
+        self.leases.hold_all(agents, until)
+        self._lease_added.set()
+        return self.unaccounted_until
+
+    async def wait_unaccounted(self) -> None:
+        """Return once no lease this coordinator cannot account for may still be valid."""
+        await trio.sleep_until(self.unaccounted_until)
+
+    async def sweep_leases(self, expired: Callable[[str], None]) -> None:
+        """Forever: declare each lease that certainly expired (`expired(agent_id)`), and
+        close the connection of an agent that stopped renewing while it looked connected
+        (a partition). One task for the whole fleet: it sleeps until the earliest deadline."""
+        while True:
+            self._lease_added = trio.Event()
+            deadline = self.leases.next_deadline()
+            with trio.move_on_at(math.inf if deadline is None else deadline):
+                await self._lease_added.wait()
+            for agent_id in self.leases.pop_expired(trio.current_time()):
+                link = self._links.get(agent_id)
+                if link is not None:
+                    log.warning("agent %s: lease expired while connected; closing", agent_id)
+                    link.close("lease expired: no renewal", code=1001)
+                expired(agent_id)
 
     def __len__(self) -> int:
         return len(self._links)

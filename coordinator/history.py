@@ -488,6 +488,11 @@ class PostgresHistory:
         )
         return [str(name) for (name,) in rows]
 
+    async def current_epoch(self) -> int:
+        """The last leader epoch taken on this database (0: no coordinator ever led it)."""
+        rows = await self._run("SELECT epoch FROM lockstep.leader WHERE id = 1")
+        return int(rows[0][0]) if rows else 0
+
     async def lock_is_free(self) -> bool:
         """True when no coordinator holds the migration lock right now (read-only probe)."""
         rows = await self._run(f"SELECT NOT EXISTS ({LEADER_LOCK_ROWS})")

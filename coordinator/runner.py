@@ -5,7 +5,8 @@ The runner is the only code that awaits during a migration. It asks the pure
 wait for the ledger to settle (a trio cancel scope is the deadline; acks wake it through an
 event, nothing polls), or run the phase's planned SQL groups through the `Executor`. Answers
 from agents arrive through `on_ack`/`on_nack`/`on_join`/`on_leave`, called by the connection
-handlers. It decides nothing itself: which state follows, what a partial commit means and
+handlers, and lease expiries through `on_lease_expired`, called by the fleet's one lease
+sweeper. It decides nothing itself: which state follows, what a partial commit means and
 which status the result has are the FSM's; what may run at all is `statemachine.gate`'s, and
 the statements come from the migration's `statemachine.sql.Plan`.
 """
@@ -36,6 +37,7 @@ from coordinator.pg.attempts import LockRetry
 from coordinator.pg.errors import SqlFailure, pg_message
 from statemachine.checkpoint import Checkpoint
 from statemachine.gate import rollback_note
+from statemachine.lease import certainly_expired_after
 from statemachine.ledger import AckOutcome
 from statemachine.migration import Migration
 from statemachine.migration_fsm import MigrationMachine
@@ -62,6 +64,8 @@ class MigrationRun:
         warnings: Sequence[str] = (),
         machine: MigrationMachine | None = None,
         journal: GroupJournal | None = None,
+        on_agent_loss: str = "wait",
+        durable_readers: bool = False,
     ) -> None:
         self.migration = migration
         self.plan = plan
@@ -76,7 +80,15 @@ class MigrationRun:
             migration.id,
             has_contract=bool(migration.contract_sql),
             connected=fleet.agent_ids,
+            departing=fleet.departing,
+            on_agent_loss=on_agent_loss,
+            lease_seconds=fleet.lease_seconds,
         )
+        #: Agents may read the durable state instead of a coordinator (`dsn=`/`connect=`):
+        #: then destructive SQL waits one lease after the state change they must see.
+        self.durable_readers = durable_readers
+        #: When (trio clock) each state's checkpoint was first written by this process.
+        self._persisted_at: dict[MigrationState, float] = {}
         self.journal = (
             journal
             if journal is not None
@@ -124,6 +136,17 @@ class MigrationRun:
 
     def on_leave(self, agent_id: str) -> None:
         if self.machine.agent_disconnected(agent_id) is AckOutcome.RECORDED:
+            self._wake()
+
+    def on_lease_expired(self, agent_id: str) -> None:
+        """The agent's lease certainly expired: it is fenced (see statemachine.lease)."""
+        if self.machine.lease_expired(agent_id) is AckOutcome.RECORDED:
+            log.warning(
+                "%s: agent %s departed: its lease expired before it answered %s",
+                self.migration.name,
+                agent_id,
+                self.machine.state.name,
+            )
             self._wake()
 
     def _answered(
@@ -216,6 +239,7 @@ class MigrationRun:
                 self._notify_phase(Phase.EXECUTE)
                 await self._run_sql(Phase.EXECUTE, self.plan.execute.groups, expand=True)
             elif state is S.CONTRACT:
+                await self._wait_out_leases(S.APPLY)
                 self._notify_phase(Phase.CONTRACT)
                 await self._run_sql(Phase.CONTRACT, self.plan.contract.groups)
                 if self.abort_reason is not None and m.contracted:
@@ -241,6 +265,7 @@ class MigrationRun:
         coordinator took the lock) propagates: this one must stop acting at once.
         """
         if self.history is None:
+            self._persisted_at.setdefault(self.machine.state, trio.current_time())
             await trio.lowlevel.checkpoint()
             return
         checkpoint = Checkpoint.of(self.machine)
@@ -262,6 +287,29 @@ class MigrationRun:
                 await trio.sleep(delay)
                 delay = min(delay * 2, 5.0)
         self._saved = checkpoint
+        self._persisted_at.setdefault(checkpoint.state, trio.current_time())
+
+    async def _wait_out_leases(self, seen: MigrationState) -> None:
+        """Before destructive SQL: wait until no lease this coordinator cannot account for
+        (a predecessor's) may be valid, and, with durable readers, one whole lease after
+        the state they must see (`seen`) was written, so every agent that vouches from the
+        database has re-read it or fenced itself (docs/leases.md)."""
+        until = self.fleet.unaccounted_until
+        if self.durable_readers:
+            first = min(self._persisted_at.values(), default=trio.current_time())
+            written = self._persisted_at.get(seen, first)
+            until = max(until, written + certainly_expired_after(self.fleet.lease_seconds))
+        if until > trio.current_time():
+            wait = until - trio.current_time()
+            log.info("%s: waiting %.1f s for leases to expire", self.migration.name, wait)
+            self.events.emit(
+                SqlProgress(
+                    self.migration.name,
+                    self.machine.state.phase or Phase.CONTRACT,
+                    f"waiting {wait:.1f} s for leases that may still be valid to expire",
+                )
+            )
+            await trio.sleep_until(until)
 
     def _notice(self, phase: Phase, *, ack_required: bool) -> str:
         return encode(
@@ -359,6 +407,7 @@ class MigrationRun:
             note = rollback_note(self.plan) or "no rollback_sql: the schema was left expanded"
             m.finish(schema_restored=False, note=note)
             return
+        await self._wait_out_leases(S.ROLLBACK)
         self.events.emit(SqlProgress(self.migration.name, Phase.ROLLBACK, "running rollback_sql"))
         try:
             self.attempts += await self._execute(Phase.ROLLBACK, groups)
@@ -393,4 +442,5 @@ class MigrationRun:
             warnings=(*self.warnings, *m.warnings),
             sql_attempts=tuple(self.attempts),
             backfills=tuple(self.backfills),
+            departed=tuple(sorted(m.departed)),
         )

@@ -135,7 +135,13 @@ class Service:
             for name in await self.history.mark_unresumable(when_free=False):
                 log.warning("migration %r was left running with no checkpoint: interrupted", name)
             await coordinator.load_history()
-            coordinator.adopt(await self.history.unfinished())
+            # A predecessor (epoch below ours) may have granted leases this term cannot
+            # account for, until it stopped acting: at most probe_interval + probe_timeout
+            # after it lost the lock. Destructive SQL waits them out (docs/leases.md).
+            margin = self.probe_interval + self.probe_timeout
+            if leadership.epoch > 1:
+                coordinator.take_over(margin=margin)
+            coordinator.adopt(await self.history.unfinished(), margin=margin)
             self.leadership = leadership
             self.terms += 1
             coordinator.standby_reason = None  # agents are served from here on
@@ -246,6 +252,7 @@ async def open_service(
                 ssl_context,
                 coordinator.limits,
             )
+            nursery.start_soon(coordinator.fleet.sweep_leases, coordinator.lease_expired)
             scheme = "ws" if ssl_context is None else "wss"
             coordinator.url = f"{scheme}://{host}:{server.port}"
             service = Service(

@@ -49,6 +49,10 @@ class InFlight:
     message: str
     abort_requested: str | None
     updated_at: datetime.datetime | None
+    #: Disconnected agents whose lease may still be valid, and agents whose lease expired
+    #: during the run (fenced, out of their cohort): see docs/leases.md.
+    departing: tuple[str, ...] = ()
+    departed: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +79,7 @@ def _in_flight(row: tuple[Any, ...]) -> InFlight:
     )
     cohort = tuple(sorted(checkpoint.get("cohort") or ()))
     acked = tuple(sorted(checkpoint.get("acked") or ()))
+    departed = tuple(sorted(checkpoint.get("departed") or ()))
     return InFlight(
         name=str(name),
         state=str(checkpoint.get("state", "pending")),
@@ -83,7 +88,9 @@ def _in_flight(row: tuple[Any, ...]) -> InFlight:
         contracted=bool(checkpoint.get("contracted")),
         cohort=cohort,
         acked=acked,
-        pending=tuple(a for a in cohort if a not in acked),
+        pending=tuple(a for a in cohort if a not in acked and a not in departed),
+        departing=tuple(sorted(checkpoint.get("departing") or ())),
+        departed=departed,
         lock_retries=int(progress.get("lock_retries", 0)),
         backfills=dict(progress.get("backfills") or {}),
         message=str(progress.get("message") or ""),

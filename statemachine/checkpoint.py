@@ -54,6 +54,14 @@ class Checkpoint:
     #: The agents connected when the checkpoint was written: a successor waits for them to
     #: come back and keeps them in the next cohorts, so no phase can pass without them.
     connected: frozenset[str] = frozenset()
+    #: Agents that disconnected with a lease that may still be valid, and agents whose lease
+    #: certainly expired during the run (see `MigrationMachine.departing`/`departed`).
+    departing: frozenset[str] = frozenset()
+    departed: frozenset[str] = frozenset()
+    #: The lease length the run's agents hold: a successor that cannot account for an agent
+    #: waits at least this long (stretched by the skew margin) after taking over.
+    lease_seconds: float = 0.0
+    on_agent_loss: str = "wait"
 
     @classmethod
     def of(cls, machine: MigrationMachine) -> Checkpoint:
@@ -71,6 +79,10 @@ class Checkpoint:
             acked=ledger.acked if ledger is not None else frozenset(),
             schema_restored=machine.schema_restored,
             connected=frozenset(machine.connected),
+            departing=frozenset(machine.departing),
+            departed=frozenset(machine.departed),
+            lease_seconds=machine.lease_seconds,
+            on_agent_loss=machine.on_agent_loss,
         )
 
     # ------------------------------------------------------------------ JSON
@@ -98,6 +110,10 @@ class Checkpoint:
             "acked": sorted(self.acked),
             "schema_restored": self.schema_restored,
             "connected": sorted(self.connected),
+            "departing": sorted(self.departing),
+            "departed": sorted(self.departed),
+            "lease_seconds": self.lease_seconds,
+            "on_agent_loss": self.on_agent_loss,
         }
 
     @classmethod
@@ -131,23 +147,53 @@ class Checkpoint:
             acked=frozenset(data.get("acked", ())),
             schema_restored=data.get("schema_restored"),
             connected=frozenset(data.get("connected", ())),
+            departing=frozenset(data.get("departing", ())),
+            departed=frozenset(data.get("departed", ())),
+            lease_seconds=float(data.get("lease_seconds", 0.0)),
+            on_agent_loss=str(data.get("on_agent_loss", "wait")),
         )
 
 
 def restore(
-    checkpoint: Checkpoint, *, has_contract: bool, connected: Iterable[str]
+    checkpoint: Checkpoint,
+    *,
+    has_contract: bool,
+    connected: Iterable[str],
+    on_agent_loss: str | None = None,
+    lease_seconds: float | None = None,
 ) -> MigrationMachine:
     """A machine in the checkpoint's state, its phase entered afresh for `connected` agents
     and the ones the checkpoint knew (those must answer too, or the phase times out).
 
+    With "wait", the checkpoint's agents that are not connected now are `departing`: the
+    successor cannot account for their leases, so it must keep them in the cohort until they
+    come back or until it has waited out a whole lease (the driver feeds `lease_expired`).
+
     The machine's history keeps the earlier states, so the result still shows every phase
     the migration went through before the coordinator changed.
     """
-    machine = MigrationMachine(
-        checkpoint.migration_id,
-        has_contract=has_contract,
-        connected={*checkpoint.connected, *connected},
-    )
+    policy = on_agent_loss or checkpoint.on_agent_loss
+    now = set(connected)
+    known = {*checkpoint.connected, *checkpoint.departing}
+    lease = max(checkpoint.lease_seconds, lease_seconds or 0.0)
+    if policy == "wait":
+        machine = MigrationMachine(
+            checkpoint.migration_id,
+            has_contract=has_contract,
+            connected=now,
+            departing=known - now,
+            on_agent_loss=policy,
+            lease_seconds=lease,
+        )
+    else:
+        machine = MigrationMachine(
+            checkpoint.migration_id,
+            has_contract=has_contract,
+            connected=known | now,
+            on_agent_loss=policy,
+            lease_seconds=lease,
+        )
+    machine.departed = set(checkpoint.departed)
     machine.executed = checkpoint.executed
     machine.contracted = checkpoint.contracted
     machine.failure = checkpoint.failure

@@ -26,7 +26,7 @@ class AckOutcome(enum.Enum):
 class AckLedger:
     """Acks, NACKs and losses of one phase's cohort."""
 
-    __slots__ = ("_acked", "_cohort", "_lost", "_nacks", "closed", "phase")
+    __slots__ = ("_acked", "_cohort", "_departed", "_lost", "_nacks", "closed", "phase")
 
     def __init__(self, phase: Phase, cohort: Iterable[str]) -> None:
         self.phase = phase
@@ -34,6 +34,9 @@ class AckLedger:
         self._acked: set[str] = set()
         self._nacks: dict[str, str] = {}
         self._lost: set[str] = set()
+        #: Cohort agents whose lease certainly expired before they answered: fenced, so
+        #: they no longer owe an answer (the churn-tolerant "wait" mode).
+        self._departed: set[str] = set()
         self.closed = False
 
     @property
@@ -53,9 +56,14 @@ class AckLedger:
         return frozenset(self._lost)
 
     @property
+    def departed(self) -> frozenset[str]:
+        return frozenset(self._departed)
+
+    @property
     def complete(self) -> bool:
-        """Every cohort agent acked (vacuously true for an empty cohort)."""
-        return len(self._acked) == len(self._cohort)
+        """Every cohort agent acked or departed (its lease certainly expired: it is fenced);
+        vacuously true for an empty cohort."""
+        return len(self._acked) + len(self._departed) == len(self._cohort)
 
     @property
     def failed(self) -> bool:
@@ -65,11 +73,12 @@ class AckLedger:
     @property
     def settled(self) -> bool:
         """Nobody is left to wait for: each cohort agent acked, nacked or was lost."""
-        return len(self._acked) + len(self._nacks) + len(self._lost) == len(self._cohort)
+        answered = len(self._acked) + len(self._nacks) + len(self._lost) + len(self._departed)
+        return answered == len(self._cohort)
 
     def missing(self) -> list[str]:
         """Cohort agents that have not answered at all, sorted for stable messages."""
-        answered = self._acked | self._nacks.keys() | self._lost
+        answered = self._acked | self._nacks.keys() | self._lost | self._departed
         return sorted(self._cohort - answered)
 
     def _check(self, agent_id: str, phase: Phase) -> AckOutcome | None:
@@ -79,7 +88,12 @@ class AckLedger:
             return AckOutcome.STALE
         if agent_id not in self._cohort:
             return AckOutcome.STRANGER
-        if agent_id in self._acked or agent_id in self._nacks or agent_id in self._lost:
+        if (
+            agent_id in self._acked
+            or agent_id in self._nacks
+            or agent_id in self._lost
+            or agent_id in self._departed
+        ):
             return AckOutcome.DUPLICATE
         return None
 
@@ -103,4 +117,13 @@ class AckLedger:
         if refused is not None:
             return refused
         self._lost.add(agent_id)
+        return AckOutcome.RECORDED
+
+    def record_departed(self, agent_id: str) -> AckOutcome:
+        """The agent's lease certainly expired; it leaves the cohort only if it still owed
+        an answer (an agent that acked already keeps its ack)."""
+        refused = self._check(agent_id, self.phase)
+        if refused is not None:
+            return refused
+        self._departed.add(agent_id)
         return AckOutcome.RECORDED

@@ -16,15 +16,23 @@ story:
     ANNOUNCE/EXECUTE/APPLY/CONTRACT --cancel--> ROLLBACK   (the host cancelled the run)
 
 Inputs, one verb each: the driver calls `start`, `receive_ack`, `receive_nack`,
-`agent_connected`, `agent_disconnected`, `deadline_passed`, `expand_committed`,
+`agent_connected`, `agent_disconnected`, `lease_expired`, `deadline_passed`, `expand_committed`,
 `sql_committed`, `sql_failed`, `cancel` and `finish`. `start`, `sql_committed`, `sql_failed`,
 `cancel` and `finish` are transitions of the table themselves; `cohort_acked`, `refused` and
 `timed_out` are the machine's own decisions, fired from inside the answer inputs, never by a
 driver.
 
-Cohorts: each acked phase's cohort is the set of agents connected when the phase begins, so an
-agent that joins during ANNOUNCE or EXECUTE must still ack APPLY before CONTRACT may run.
-ROLLBACK's cohort leaves out agents that already missed a deadline of this migration.
+Cohorts: each acked phase's cohort is the set of agents connected when the phase begins, plus
+(in the default "wait" mode) those that disconnected but whose lease has not certainly expired
+(`departing`): they may still be serving on the old query set. So an agent that joins during
+ANNOUNCE or EXECUTE must still ack APPLY before CONTRACT may run. ROLLBACK's cohort leaves out
+agents that already missed a deadline of this migration.
+
+Agent loss (`on_agent_loss`): with "wait" (the default) a cohort agent that disconnects owes
+its answer still: it may reconnect and ack, or its lease certainly expires (`lease_expired`),
+which fences it and takes it out of the cohort (`departed`). With "rollback", a cohort agent
+that disconnects (or whose lease expires) before answering refuses the phase at once, the
+behaviour before leases.
 """
 
 from __future__ import annotations
@@ -70,7 +78,7 @@ MIGRATION_TRANSITIONS: list[dict[str, Any]] = [
         "trigger": "cohort_acked",
         "source": S.APPLY,
         "dest": S.CONTRACT,
-        "conditions": ["cohort_complete", "contract_planned"],
+        "conditions": ["cohort_complete", "previous_queries_retired", "contract_planned"],
     },
     {
         "trigger": "cohort_acked",
@@ -115,10 +123,17 @@ MIGRATION_TRANSITIONS: list[dict[str, Any]] = [
     {"trigger": "finish", "source": S.ROLLBACK, "dest": S.FAILED, "before": "_record_restore"},
 ]
 
+#: What `on_agent_loss` may be: wait for the agent's lease, or roll back at once.
+AGENT_LOSS_POLICIES = ("wait", "rollback")
+
 #: What each guard checks, in words, for docs and diagrams.
 GUARD_DESCRIPTIONS: dict[str, str] = {
-    "cohort_complete": "every agent of the phase's cohort acked this phase",
-    "cohort_failed": "a cohort agent NACKed or disconnected before acking",
+    "cohort_complete": "every agent of the phase's cohort acked this phase or its lease "
+    "certainly expired",
+    "previous_queries_retired": "no agent that may still run the previous queries is alive and "
+    "unfenced: each acked APPLY or its lease certainly expired",
+    "cohort_failed": "a cohort agent NACKed (or, with on_agent_loss=rollback, disconnected) "
+    "before acking",
     "contract_planned": "the migration has contract_sql",
 }
 
@@ -158,8 +173,17 @@ class MigrationMachine:
         has_contract: bool,
         connected: Iterable[str] = (),
         clock: Callable[[], float] = time.time,
+        on_agent_loss: str = "wait",
+        departing: Iterable[str] = (),
+        lease_seconds: float = 0.0,
     ) -> None:
+        if on_agent_loss not in AGENT_LOSS_POLICIES:
+            raise ValueError(
+                f"on_agent_loss must be one of {', '.join(AGENT_LOSS_POLICIES)}, "
+                f"got {on_agent_loss!r}"
+            )
         self.migration_id = migration_id
+        self.on_agent_loss = on_agent_loss
         self.has_contract = has_contract
         self.connected: set[str] = set(connected)
         self.ledger: AckLedger | None = None
@@ -170,6 +194,16 @@ class MigrationMachine:
         self.warnings: list[str] = []
         #: Agents that missed a deadline of this migration; ROLLBACK does not wait for them.
         self.unresponsive: set[str] = set()
+        #: Agents that disconnected while their lease may still be valid ("wait" mode): they
+        #: may still serve on the schema they last knew, so they stay in the next cohorts.
+        self.departing: set[str] = (
+            set(departing) - self.connected if on_agent_loss == "wait" else set()
+        )
+        #: Agents whose lease certainly expired during this run (fenced, out of the cohort).
+        self.departed: set[str] = set()
+        #: The lease its agents hold (0: none): a successor waits out at least this long
+        #: for agents it cannot account for (statemachine.checkpoint).
+        self.lease_seconds = lease_seconds
         self._clock = clock
         self.history: list[StateRecord] = [StateRecord(S.PENDING, clock())]
         self.machine = Machine(
@@ -191,6 +225,18 @@ class MigrationMachine:
     def cohort_failed(self, event: EventData) -> bool:
         ledger = self.ledger
         return ledger is not None and ledger.phase is self.state.phase and ledger.failed
+
+    def previous_queries_retired(self, event: EventData) -> bool:
+        """No cohort agent is pending with a lease that may still be valid: each one that
+        could still run the old queries acked APPLY or was declared departed."""
+        ledger = self.ledger
+        if ledger is None or ledger.phase is not self.state.phase:
+            return False
+        return (
+            not ((self.departing | self.connected) & ledger.cohort)
+            - ledger.acked
+            - (ledger.departed)
+        )
 
     def contract_planned(self, event: EventData) -> bool:
         return self.has_contract
@@ -258,12 +304,13 @@ class MigrationMachine:
         phase = self.state.phase
         if self.ledger is not None:
             self.ledger.closed = True
-        cohort = self.connected
+        present = self.connected | self.departing
+        cohort = present
         if phase is Phase.ROLLBACK:
             # Agents that already let a deadline pass are not waited for a second time: the
             # rollback would run after that wait anyway, so it would only double the outage.
-            cohort = self.connected - self.unresponsive
-            skipped = sorted(self.connected & self.unresponsive)
+            cohort = present - self.unresponsive
+            skipped = sorted(present & self.unresponsive)
             if skipped:
                 self.warnings.append(
                     f"ROLLBACK: not waiting for agent(s) {', '.join(skipped)}, which already "
@@ -322,17 +369,44 @@ class MigrationMachine:
 
     def agent_connected(self, agent_id: str) -> None:
         self.connected.add(agent_id)
+        self.departing.discard(agent_id)
 
     def agent_disconnected(self, agent_id: str) -> AckOutcome:
+        """The agent's connection closed. With "wait" it becomes `departing` and still owes
+        its answer (RECORDED is never returned: nothing was decided); with "rollback" a
+        cohort agent that owed an answer refuses the phase."""
         self.connected.discard(agent_id)
+        if self.on_agent_loss == "wait":
+            self.departing.add(agent_id)
+            return AckOutcome.STALE
+        return self._lost(agent_id, "connection closed")
+
+    def lease_expired(self, agent_id: str) -> AckOutcome:
+        """The agent's lease certainly expired: it has fenced itself. With "wait" it leaves
+        the cohort (`departed`), which may complete the phase; with "rollback" a cohort agent
+        that still owed an answer refuses the phase. RECORDED when the ledger changed."""
+        known = agent_id in self.connected or agent_id in self.departing
+        self.connected.discard(agent_id)
+        self.departing.discard(agent_id)
+        if self.on_agent_loss == "rollback":
+            return self._lost(agent_id, "lease expired")
+        if known:
+            self.departed.add(agent_id)
+        if self.ledger is None:
+            return AckOutcome.STALE
+        outcome = self.ledger.record_departed(agent_id)
+        if outcome is AckOutcome.RECORDED:
+            self.departed.add(agent_id)
+            self._advance()
+        return outcome
+
+    def _lost(self, agent_id: str, how: str) -> AckOutcome:
         if self.ledger is None:
             return AckOutcome.STALE
         outcome = self.ledger.record_lost(agent_id)
         if outcome is AckOutcome.RECORDED:
             phase = self.ledger.phase
-            self._refuse(
-                Failure(FailureKind.DISCONNECT, phase, "connection closed", agents=(agent_id,))
-            )
+            self._refuse(Failure(FailureKind.DISCONNECT, phase, how, agents=(agent_id,)))
         return outcome
 
     def deadline_passed(self, timeout: float) -> bool:
@@ -371,6 +445,7 @@ class MigrationMachine:
 
 
 __all__ = [
+    "AGENT_LOSS_POLICIES",
     "GUARD_DESCRIPTIONS",
     "MIGRATION_TRANSITIONS",
     "MigrationMachine",

@@ -66,6 +66,14 @@ class Nack(_Message, frozen=True, tag="nack"):
     error: ErrorText
 
 
+class Renew(_Message, frozen=True, tag="renew"):
+    """Ask for the lease to be extended (every lease/3 seconds, see `statemachine.lease`).
+    The agent counts the granted lease from the moment it sent this frame; `seq` matches
+    the `LeaseGrant` to the request."""
+
+    seq: Annotated[int, msgspec.Meta(ge=0, le=2**53)]
+
+
 # ---------------------------------------------------------------- coordinator -> agent
 class Welcome(_Message, frozen=True, tag="welcome", omit_defaults=True):
     """Handshake accepted. `applied` lists the migrations whose new code agents must run."""
@@ -78,6 +86,9 @@ class Welcome(_Message, frozen=True, tag="welcome", omit_defaults=True):
     #: Omitted from the frame when 0 (`omit_defaults`), so such frames are exactly what agents
     #: that predate the field decode; a non-zero epoch needs agents that know the field.
     epoch: int = 0
+    #: The lease (seconds) the Welcome grants, counted by the agent from when it sent its
+    #: hello; renewed with `Renew`. 0 (omitted): a coordinator without leases.
+    lease_seconds: float = 0.0
 
 
 class PhaseNotice(_Message, frozen=True, tag="phase", omit_defaults=True):
@@ -92,6 +103,13 @@ class PhaseNotice(_Message, frozen=True, tag="phase", omit_defaults=True):
     epoch: int = 0  # as in Welcome: a deposed leader's notices are ignored
 
 
+class LeaseGrant(_Message, frozen=True, tag="lease"):
+    """The answer to `Renew` number `seq`: the lease is `seconds` long from that request."""
+
+    seq: int
+    seconds: float
+
+
 class Error(_Message, frozen=True, tag="error"):
     """Something the peer sent was refused; `fatal` errors are followed by a close."""
 
@@ -100,8 +118,8 @@ class Error(_Message, frozen=True, tag="error"):
     fatal: bool = False
 
 
-AgentMessage = Hello | Ack | Nack
-CoordinatorMessage = Welcome | PhaseNotice | Error
+AgentMessage = Hello | Ack | Nack | Renew
+CoordinatorMessage = Welcome | PhaseNotice | LeaseGrant | Error
 
 
 class ProtocolError(LockstepError, ValueError):
@@ -114,8 +132,8 @@ class ProtocolError(LockstepError, ValueError):
         self.message = message
 
 
-AGENT_TYPES: Final = ("hello", "ack", "nack")
-COORDINATOR_TYPES: Final = ("welcome", "phase", "error")
+AGENT_TYPES: Final = ("hello", "ack", "nack", "renew")
+COORDINATOR_TYPES: Final = ("welcome", "phase", "lease", "error")
 
 _agent_decoder = msgspec.json.Decoder(AgentMessage)
 _coordinator_decoder = msgspec.json.Decoder(CoordinatorMessage)
@@ -182,17 +200,17 @@ def _decode(
         raise ProtocolError("malformed_frame", f"frame is not valid JSON: {exc}") from None
 
 
-def decode_agent_message(frame: str | bytes) -> Hello | Ack | Nack:
+def decode_agent_message(frame: str | bytes) -> Hello | Ack | Nack | Renew:
     """Parse a frame an agent sent; raises `ProtocolError` with a precise reason."""
     msg = _decode(_agent_decoder, frame, AGENT_TYPES)
-    assert isinstance(msg, Hello | Ack | Nack)
+    assert isinstance(msg, Hello | Ack | Nack | Renew)
     return msg
 
 
-def decode_coordinator_message(frame: str | bytes) -> Welcome | PhaseNotice | Error:
+def decode_coordinator_message(frame: str | bytes) -> Welcome | PhaseNotice | LeaseGrant | Error:
     """Parse a frame the coordinator sent; raises `ProtocolError` with a precise reason."""
     msg = _decode(_coordinator_decoder, frame, COORDINATOR_TYPES)
-    assert isinstance(msg, Welcome | PhaseNotice | Error)
+    assert isinstance(msg, Welcome | PhaseNotice | LeaseGrant | Error)
     return msg
 
 
@@ -221,9 +239,11 @@ __all__ = [
     "CoordinatorMessage",
     "Error",
     "Hello",
+    "LeaseGrant",
     "Nack",
     "PhaseNotice",
     "ProtocolError",
+    "Renew",
     "Welcome",
     "decode_agent_message",
     "decode_coordinator_message",

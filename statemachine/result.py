@@ -71,6 +71,9 @@ class MigrationResult:
     sql_attempts: tuple[SqlAttempt, ...] = ()
     #: One entry per backfill that ran (in order), including a failed one's partial counts.
     backfills: tuple[BackfillStats, ...] = ()
+    #: Agents whose lease certainly expired during the run (they fenced themselves and left
+    #: their cohort instead of holding the migration), sorted.
+    departed: tuple[str, ...] = ()
 
     @property
     def reason(self) -> str | None:

@@ -65,6 +65,9 @@ def print_result(out: Output, result: MigrationResult) -> None:
         out.event(f"  schema: {restored[result.schema_restored]}")
     if result.lock_retries:
         out.event(f"  lock retries: {result.lock_retries}")
+    if result.departed:
+        names = ", ".join(safe(a) for a in result.departed)
+        out.event(f"  departed (lease expired, fenced): {names}")
     for b in result.backfills:
         state = "" if b.complete else " [red](stopped)[/]"
         out.event(
@@ -85,5 +88,6 @@ def result_json(result: MigrationResult) -> dict[str, Any]:
             {"phase": p.phase.name.lower(), "duration": round(p.duration, 6)} for p in result.phases
         ],
         "lock_retries": result.lock_retries,
+        "departed": list(result.departed),
         "warnings": list(result.warnings),
     }

@@ -16,6 +16,8 @@ from coordinator.cli import config, options
 from coordinator.cli.failures import CommandError
 from coordinator.cli.output import safe
 from coordinator.pg.attempts import DEFAULT_STATEMENT_TIMEOUT, RetryPolicy
+from statemachine.lease import DEFAULT_LEASE_SECONDS, certainly_expired_after, check_lease_seconds
+from statemachine.migration_fsm import AGENT_LOSS_POLICIES
 
 
 def add_serving(parser: argparse.ArgumentParser) -> None:
@@ -82,6 +84,59 @@ def add_sql_limits(parser: argparse.ArgumentParser) -> None:
         default=defaults.max_seconds,
         help="seconds after which no new attempt starts",
     )
+
+
+def _lease(text: str) -> float:
+    try:
+        return check_lease_seconds(float(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def add_leases(parser: argparse.ArgumentParser) -> None:
+    """Agents' leases and what losing a cohort agent means (docs/leases.md)."""
+    parser.add_argument(
+        "--lease",
+        type=_lease,
+        default=DEFAULT_LEASE_SECONDS,
+        metavar="SECONDS",
+        help="each agent's lease: renewed every lease/3 s; an agent whose lease lapses fences "
+        "itself, and is counted gone 1.1 x lease + 1 s after its last renewal",
+    )
+    parser.add_argument(
+        "--on-agent-loss",
+        choices=AGENT_LOSS_POLICIES,
+        default="wait",
+        help="a cohort agent that disconnects mid-phase: 'wait' for it to come back or for "
+        "its lease to expire (default), or 'rollback' at once",
+    )
+    parser.add_argument(
+        "--durable-readers",
+        action="store_true",
+        help="agents may run on the durable state (dsn=/connect=) while no coordinator is "
+        "up: CONTRACT and rollback SQL then wait one lease after the state change",
+    )
+
+
+def lease_options(args: argparse.Namespace) -> dict[str, object]:
+    """The coordinator keywords of `add_leases`."""
+    return {
+        "lease_seconds": args.lease,
+        "on_agent_loss": args.on_agent_loss,
+        "durable_readers": args.durable_readers,
+    }
+
+
+def check_lease_fits(args: argparse.Namespace, err: Console) -> None:
+    """Warn when a dead agent would outlast the ack timeout: the phase would then time out
+    and roll back instead of letting it depart."""
+    gone = certainly_expired_after(args.lease)
+    if args.on_agent_loss == "wait" and gone >= args.ack_timeout:
+        err.print(
+            f"[yellow]warning:[/] a lost agent is counted gone only {gone:g} s after its last "
+            f"renewal (--lease {args.lease:g}), not before --ack-timeout {args.ack_timeout:g}: "
+            "a phase waiting for it will time out and roll back instead"
+        )
 
 
 def retry_policy(args: argparse.Namespace) -> RetryPolicy:

@@ -10,7 +10,7 @@ import pytest
 import trio
 from trio_websocket import WebSocketRequest, serve_websocket
 
-from agent import CoordinatorUnreachable
+from agent import AgentFenced, CoordinatorUnreachable
 from coordinator import open_coordinator
 from statemachine import Migration, MigrationStatus
 from statemachine.protocol import CLOSE_NOT_LEADER
@@ -110,10 +110,13 @@ async def test_asyncio_agent_boots_without_a_coordinator(caplog: pytest.LogCaptu
     await trio.to_thread.run_sync(app.start)
     try:
         assert app.agent is not None and not app.agent.connected and not app.agent.synced
+        assert not app.agent.ready
+        with pytest.raises(AgentFenced, match="no coordinator reached and no database to read"):
+            app.agent.using("anything")
     finally:
         await trio.to_thread.run_sync(app.stop)
     assert app.error is None
-    assert any("cannot vouch for the schema" in r.getMessage() for r in caplog.records)
+    assert any("starting fenced" in r.getMessage() for r in caplog.records)
 
 
 def test_asyncio_agent_wait_connected_raises_when_unreachable() -> None:

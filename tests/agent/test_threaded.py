@@ -8,7 +8,7 @@ import psycopg
 import pytest
 import trio
 
-from agent import CoordinatorUnreachable, MigrationInfo
+from agent import AgentFenced, CoordinatorUnreachable, MigrationInfo
 from agent.threaded import ThreadedAgent
 from coordinator import open_coordinator
 from statemachine import Migration, MigrationStatus
@@ -74,8 +74,30 @@ def test_threaded_agent_boots_without_a_coordinator() -> None:
     try:
         assert not app.connected and not app.synced
         assert not app.is_applied("anything")
+        assert not app.ready
+        assert app.health()["reason"] == app.fenced_reason()
+        with pytest.raises(AgentFenced, match="no database to read"):
+            app.using("anything")
     finally:
         app.stop()
+
+
+async def test_threaded_agent_is_ready_while_its_lease_holds(dsn: str) -> None:
+    async with open_coordinator(dsn, port=0) as coord:
+        app = ThreadedAgent(coord.url, agent_id="t1")
+        await trio.to_thread.run_sync(app.start)
+        try:
+            assert app.ready and app.health() == {
+                "ready": True,
+                "reason": None,
+                "connected": True,
+                "synced_from": "coordinator",
+            }
+            with app.using("anything") as new:
+                assert not new
+        finally:
+            await trio.to_thread.run_sync(app.stop)
+        assert not app.ready, "a stopped agent is fenced"
 
 
 async def test_threaded_agent_takes_several_urls(dsn: str) -> None:

@@ -7,6 +7,7 @@ The SIGKILL versions with real processes are in tests/system/test_serve_faults.p
 from __future__ import annotations
 
 import json
+from collections.abc import Awaitable, Callable
 
 import psycopg
 import pytest
@@ -14,14 +15,24 @@ import trio
 from trio_websocket import ConnectionClosed
 
 from agent import MigrationInfo, open_agent
+from coordinator.events import Event, PhaseStarted
 from coordinator.queue import AbortRefused, SubmitRefused, request_abort, submit
 from coordinator.service import Service, open_service
-from statemachine import Migration
+from statemachine import Migration, Phase
+from statemachine.lease import certainly_expired_after
 from statemachine.protocol import CLOSE_NOT_LEADER
 from tests.support.flow import columns, hang, make_users, raw_client, say_hello
 
 ADD_EMAIL = "ALTER TABLE users ADD COLUMN email text"
-FAST = {"leader_poll_interval": 0.05, "probe_interval": 0.2, "poll_interval": 0.5}
+#: Short leases too: a new leader waits out its predecessor's leases before CONTRACT
+#: (1.1 x lease + 1 s + probe_interval + probe_timeout: 6.4 s here).
+LEASE = 2.0
+FAST = {
+    "leader_poll_interval": 0.05,
+    "probe_interval": 0.2,
+    "poll_interval": 0.5,
+    "lease_seconds": LEASE,
+}
 
 
 def _migration(name: str = "add_email", *, contract: bool = False) -> Migration:
@@ -45,6 +56,23 @@ async def _until(predicate: object, timeout: float = 15) -> None:
     with trio.fail_after(timeout):
         while not predicate():
             await trio.sleep(0.05)
+
+
+def _first_leader(
+    dsn: str, firsts: list[Service], leading: trio.Event, stop: trio.Event, stopped: trio.Event
+) -> Callable[[], Awaitable[None]]:
+    """A service that leads (`leading`, appended to `firsts`) until `stop`, then stops
+    without rolling anything back: its run stays durable for the next leader (`stopped`)."""
+
+    async def first_leader() -> None:
+        async with open_service(dsn, **FAST) as first:
+            await first.wait_until_leader()
+            firsts.append(first)
+            leading.set()
+            await stop.wait()
+        stopped.set()
+
+    return first_leader
 
 
 async def test_a_submitted_migration_is_run_by_the_leader_with_its_fleet(dsn: str) -> None:
@@ -139,14 +167,7 @@ async def test_a_stopped_leader_leaves_its_run_to_the_standby_which_finishes_it(
 
     leading, stop, stopped = trio.Event(), trio.Event(), trio.Event()
     firsts: list[Service] = []
-
-    async def first_leader() -> None:
-        async with open_service(dsn, **FAST) as first:
-            await first.wait_until_leader()
-            firsts.append(first)
-            leading.set()
-            await stop.wait()
-        stopped.set()  # `first` stopped mid-APPLY: no rollback, the state is durable
+    first_leader = _first_leader(dsn, firsts, leading, stop, stopped)
 
     with trio.fail_after(60):
         async with trio.open_nursery() as nursery:
@@ -201,4 +222,61 @@ async def test_a_leader_whose_write_is_fenced_stands_by_and_the_run_still_comple
                 await _until(lambda: _rows(dsn)["drop_name"][0] == "completed", timeout=40)
                 assert service.terms >= 2
                 await _until(lambda: agent.is_applied("drop_name"))
+    assert "email" in columns(dsn) and "name" not in columns(dsn)
+
+
+async def test_a_new_leader_waits_out_leases_it_cannot_account_for(dsn: str) -> None:
+    """The first leader stops mid-APPLY while agent a1, which only knows the first leader's
+    URL, still owes its APPLY ack on the old query set. The new leader cannot know a1's lease:
+    it keeps a1 in the cohort and runs CONTRACT only once a lease granted just before the
+    takeover certainly expired; a1 has fenced itself by then and is reported departed."""
+    make_users(dsn)
+    applied = trio.Event()
+
+    async def noted(info: MigrationInfo) -> None:
+        applied.set()
+        await trio.sleep_forever()  # never acks APPLY
+
+    leading, stop, stopped = trio.Event(), trio.Event(), trio.Event()
+    firsts: list[Service] = []
+    first_leader = _first_leader(dsn, firsts, leading, stop, stopped)
+    marks: dict[str, float] = {}
+
+    def on_event(event: Event) -> None:
+        if isinstance(event, PhaseStarted) and event.phase is Phase.CONTRACT:
+            marks.setdefault("contract", trio.current_time())
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(first_leader)
+            await leading.wait()
+            async with open_service(dsn, **FAST) as standby:
+                standby.coordinator.subscribe(on_event)
+                async with open_agent(
+                    firsts[0].url, agent_id="a1", on_apply=noted, lease_seconds=LEASE
+                ) as a1:
+
+                    async def watch_fence() -> None:
+                        while not a1.fenced:
+                            await trio.sleep(0.01)
+                        marks["fenced"] = trio.current_time()
+
+                    nursery.start_soon(watch_fence)
+                    await submit(dsn, [_migration(contract=True)])
+                    await applied.wait()
+                    stop.set()
+                    await stopped.wait()
+                    await standby.wait_until_leader()
+                    marks["takeover"] = trio.current_time()
+                    await _until(lambda: _rows(dsn)["add_email"][0] == "completed", timeout=60)
+                    assert not a1.is_applied("add_email"), "a1 never heard of APPLY"
+    waited = marks["contract"] - marks["takeover"]
+    print(f"\nfailover: CONTRACT {waited:.2f} s after the takeover")
+    assert waited >= certainly_expired_after(LEASE), "CONTRACT ran inside an unaccounted lease"
+    assert marks["fenced"] < marks["contract"], "a1 was still unfenced when CONTRACT ran"
+    with psycopg.connect(dsn) as conn:
+        (checkpoint,) = conn.execute(
+            "SELECT checkpoint FROM lockstep.migrations WHERE name = 'add_email'"
+        ).fetchone()
+    assert checkpoint["departed"] == ["a1"]
     assert "email" in columns(dsn) and "name" not in columns(dsn)

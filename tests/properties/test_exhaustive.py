@@ -25,10 +25,12 @@ def _thorough() -> bool:
     return settings.get_current_profile_name() == "thorough"
 
 
+@pytest.mark.parametrize("policy", ["wait", "rollback"])
 @pytest.mark.parametrize("contract", [False, True], ids=["no-contract", "contract"])
 @pytest.mark.parametrize("agents", [1, 2, 3])
-def test_every_interleaving_keeps_the_invariants(agents: int, contract: bool) -> None:
-    report = explore(agents, depth=DEPTH, has_contract=contract)
+def test_every_interleaving_keeps_the_invariants(agents: int, contract: bool, policy: str) -> None:
+    """Both answers to an agent's loss: wait for its lease (the default), or roll back."""
+    report = explore(agents, depth=DEPTH, has_contract=contract, policy=policy)
     print(f"exhaustive: {report}")
     assert report.complete, f"the walk hit the depth bound: {report}"
     # Both outcomes are reachable, so the walk did explore the interesting part.

@@ -38,6 +38,7 @@ from tests.support.exploration import (
     Begin,
     Cancel,
     Deadline,
+    Expired,
     Finish,
     Input,
     Joined,
@@ -54,7 +55,7 @@ AGENTS = ("a1", "a2", "a3", "a4")
 STRANGER = "stranger"
 ANY_AGENT = st.sampled_from((*AGENTS, STRANGER))
 ANY_PHASE = st.sampled_from(list(Phase))
-DISRUPTIONS = ("deadline", "cancel", "nack", "disconnect", "sql")
+DISRUPTIONS = ("deadline", "cancel", "nack", "disconnect", "lease", "sql")
 RAW_TRIGGERS = (
     "start",
     "cohort_acked",
@@ -83,15 +84,20 @@ class MigrationWalk(RuleBasedStateMachine):
         # shrinks toward 2.
         cohort=st.sampled_from([2, 3, 1, 4, 0]).map(lambda n: set(AGENTS[:n])),
         contract=st.booleans(),
+        policy=st.sampled_from(("wait", "rollback")),
         # Each kind of trouble allowed with probability 1/2, independently.
         disruptions=st.fixed_dictionaries({k: st.booleans() for k in DISRUPTIONS}).map(
             lambda allowed: {k for k, yes in allowed.items() if yes}
         ),
     )
-    def setup(self, cohort: set[str], contract: bool, disruptions: set[str]) -> None:
+    def setup(self, cohort: set[str], contract: bool, policy: str, disruptions: set[str]) -> None:
         ticks = itertools.count()
         self.m = MigrationMachine(
-            "m-1", has_contract=contract, connected=cohort, clock=lambda: float(next(ticks))
+            "m-1",
+            has_contract=contract,
+            connected=cohort,
+            clock=lambda: float(next(ticks)),
+            on_agent_loss=policy,
         )
         self.oracle = Oracle.for_machine(self.m)
         self.disruptions = sorted(disruptions)
@@ -160,6 +166,9 @@ class MigrationWalk(RuleBasedStateMachine):
         elif action == "disconnect":
             pool = [*(cohort or AGENTS), STRANGER]
             self._feed(Left(data.draw(st.sampled_from(pool), label="agent")))
+        elif action == "lease":  # a lease certainly expires: connected, departing or not
+            pool = [*(cohort or AGENTS), *sorted(self.m.departing), STRANGER]
+            self._feed(Expired(data.draw(st.sampled_from(pool), label="agent")))
         elif action == "sql" and self.m.state in (S.EXECUTE, S.CONTRACT):
             late = self.m.state is S.EXECUTE and data.draw(st.booleans(), label="after commit")
             self._feed(SqlError(after_commit=late))

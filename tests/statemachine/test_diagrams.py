@@ -125,7 +125,16 @@ def test_every_protocol_example_is_what_the_encoder_writes() -> None:
         message = (decode_agent_message if agent_side else decode_coordinator_message)(block)
         assert encode(message) == block, f"not what encode() writes: {block}"
         seen.add(type(message).__name__)
-    assert seen == {"Hello", "Ack", "Nack", "Welcome", "PhaseNotice", "Error"}
+    assert seen == {
+        "Hello",
+        "Ack",
+        "Nack",
+        "Renew",
+        "Welcome",
+        "PhaseNotice",
+        "LeaseGrant",
+        "Error",
+    }
 
 
 def _edges(text: str) -> dict[tuple[str, str], str]:

@@ -31,10 +31,14 @@ S = MigrationState
 MID = "mig-1"
 
 
-def _machine(*agents: str, contract: bool = False) -> MigrationMachine:
+def _machine(*agents: str, contract: bool = False, policy: str = "wait") -> MigrationMachine:
     ticks = itertools.count(100)
     return MigrationMachine(
-        MID, has_contract=contract, connected=agents, clock=lambda: float(next(ticks))
+        MID,
+        has_contract=contract,
+        connected=agents,
+        clock=lambda: float(next(ticks)),
+        on_agent_loss=policy,
     )
 
 
@@ -52,6 +56,14 @@ def _to_apply(m: MigrationMachine, *agents: str) -> None:
     _ack_all(m, Phase.ANNOUNCE, *agents)
     m.sql_committed()
     assert m.state is S.APPLY
+
+
+def _enter(m: MigrationMachine, phase: Phase, *agents: str) -> None:
+    """Start `m` and bring it to the acked `phase` (ANNOUNCE or APPLY), all `agents` acking."""
+    if phase is Phase.APPLY:
+        _to_apply(m, *agents)
+    else:
+        m.start()
 
 
 # ------------------------------------------------------------------ happy paths
@@ -137,10 +149,7 @@ def test_empty_cohort_runs_straight_through() -> None:
 @pytest.mark.parametrize("phase", [Phase.ANNOUNCE, Phase.APPLY])
 def test_nack_rolls_back_then_fails(phase: Phase) -> None:
     m = _machine("a", "b")
-    if phase is Phase.APPLY:
-        _to_apply(m, "a", "b")
-    else:
-        m.start()
+    _enter(m, phase, "a", "b")
     m.receive_ack("a", MID, phase)
     assert m.receive_nack("b", MID, phase, "ValueError: no") is AckOutcome.RECORDED
     assert m.state is S.ROLLBACK
@@ -160,11 +169,9 @@ def test_nack_rolls_back_then_fails(phase: Phase) -> None:
 
 @pytest.mark.parametrize("phase", [Phase.ANNOUNCE, Phase.APPLY])
 def test_disconnect_before_acking_rolls_back(phase: Phase) -> None:
-    m = _machine("a", "b")
-    if phase is Phase.APPLY:
-        _to_apply(m, "a", "b")
-    else:
-        m.start()
+    """on_agent_loss="rollback": the behaviour before leases."""
+    m = _machine("a", "b", policy="rollback")
+    _enter(m, phase, "a", "b")
     assert m.agent_disconnected("b") is AckOutcome.RECORDED
     assert m.state is S.ROLLBACK
     assert m.failure is not None
@@ -175,7 +182,7 @@ def test_disconnect_before_acking_rolls_back(phase: Phase) -> None:
 
 
 def test_disconnect_after_acking_changes_nothing() -> None:
-    m = _machine("a", "b")
+    m = _machine("a", "b", policy="rollback")
     m.start()
     m.receive_ack("a", MID, Phase.ANNOUNCE)
     assert m.agent_disconnected("a") is AckOutcome.DUPLICATE
@@ -189,10 +196,7 @@ def test_disconnect_after_acking_changes_nothing() -> None:
 @pytest.mark.parametrize("phase", [Phase.ANNOUNCE, Phase.APPLY])
 def test_deadline_rolls_back_naming_the_missing_agents(phase: Phase) -> None:
     m = _machine("c", "a", "b")
-    if phase is Phase.APPLY:
-        _to_apply(m, "a", "b", "c")
-    else:
-        m.start()
+    _enter(m, phase, "a", "b", "c")
     m.receive_ack("b", MID, phase)
     assert m.deadline_passed(2.5) is True
     assert m.state is S.ROLLBACK
@@ -337,7 +341,7 @@ def test_answers_for_another_migration_or_phase_are_stale() -> None:
 
 
 def test_answers_in_execute_are_stale() -> None:
-    m = _machine("a")
+    m = _machine("a", policy="rollback")
     m.start()
     m.receive_ack("a", MID, Phase.ANNOUNCE)
     assert m.state is S.EXECUTE
@@ -350,7 +354,7 @@ def test_answers_in_execute_are_stale() -> None:
 
 # ------------------------------------------------------------ CONFIRM warnings
 def test_problems_in_confirm_are_warnings_not_rollbacks() -> None:
-    m = _machine("a", "b", "c")
+    m = _machine("a", "b", "c", policy="rollback")
     _to_apply(m, "a", "b", "c")
     _ack_all(m, Phase.APPLY, "a", "b", "c")
     assert m.state is S.CONFIRM
@@ -491,3 +495,96 @@ def test_rollback_does_not_wait_again_for_agents_that_missed_the_deadline() -> N
     assert m.state is MigrationState.ROLLBACK
     assert m.ledger is not None and m.ledger.cohort == {"a"}
     assert any("ROLLBACK: not waiting for agent(s) b, c" in w for w in m.warnings)
+
+
+# ------------------------------------------------- agent loss: waiting for leases
+@pytest.mark.parametrize("phase", [Phase.ANNOUNCE, Phase.APPLY])
+def test_disconnect_waits_and_a_reconnect_with_an_ack_completes(phase: Phase) -> None:
+    m = _machine("a", "b", contract=True)
+    _enter(m, phase, "a", "b")
+    assert m.agent_disconnected("b") is AckOutcome.STALE
+    assert m.state.phase is phase and m.failure is None
+    assert m.departing == {"b"}
+    m.receive_ack("a", MID, phase)
+    assert m.state.phase is phase, "b still owes its answer"
+    m.agent_connected("b")
+    assert m.departing == set()
+    assert m.receive_ack("b", MID, phase) is AckOutcome.RECORDED
+    assert m.state is (S.EXECUTE if phase is Phase.ANNOUNCE else S.CONTRACT)
+    assert m.departed == set()
+
+
+def test_lease_expiry_takes_the_agent_out_of_the_cohort() -> None:
+    m = _machine("a", "b", contract=True)
+    _to_apply(m, "a", "b")
+    m.receive_ack("a", MID, Phase.APPLY)
+    m.agent_disconnected("b")
+    assert m.state is S.APPLY
+    assert m.lease_expired("b") is AckOutcome.RECORDED
+    assert m.state is S.CONTRACT and m.failure is None
+    assert m.departed == {"b"}
+    assert m.lease_expired("b") is AckOutcome.STALE, "CONTRACT has no ledger"
+
+
+def test_an_agent_lost_in_execute_is_in_the_apply_cohort_until_its_lease_expires() -> None:
+    m = _machine("a", "b", contract=True)
+    m.start()
+    _ack_all(m, Phase.ANNOUNCE, "a", "b")
+    assert m.state is S.EXECUTE
+    m.agent_disconnected("b")
+    m.sql_committed()
+    assert m.ledger is not None and m.ledger.cohort == {"a", "b"}, (
+        "a departing agent may still run the old queries: it must answer APPLY too"
+    )
+    m.receive_ack("a", MID, Phase.APPLY)
+    assert m.state is S.APPLY, "no CONTRACT while b may be alive and unfenced"
+    m.lease_expired("b")
+    assert m.state is S.CONTRACT
+
+
+def test_a_connected_agent_whose_lease_expires_departs_too() -> None:
+    """A partition: the coordinator still sees the socket, but no renewal came."""
+    m = _machine("a", "b")
+    m.start()
+    m.receive_ack("a", MID, Phase.ANNOUNCE)
+    assert m.lease_expired("b") is AckOutcome.RECORDED
+    assert m.state is S.EXECUTE
+    assert "b" not in m.connected
+
+
+@pytest.mark.parametrize("phase", [Phase.ANNOUNCE, Phase.APPLY])
+def test_waiting_still_rolls_back_on_a_nack_and_on_the_deadline(phase: Phase) -> None:
+    m = _machine("a", "b", "c")
+    _enter(m, phase, "a", "b", "c")
+    m.agent_disconnected("c")
+    m.receive_nack("a", MID, phase, "no")
+    assert m.state is S.ROLLBACK and m.failure is not None
+    assert m.failure.kind is FailureKind.NACK
+    m2 = _machine("a", "b")
+    _enter(m2, phase, "a", "b")
+    m2.receive_ack("a", MID, phase)
+    m2.agent_disconnected("b")
+    assert m2.deadline_passed(5.0) is True
+    assert m2.state is S.ROLLBACK and m2.failure is not None
+    assert m2.failure.kind is FailureKind.TIMEOUT and m2.failure.agents == ("b",)
+
+
+def test_rollback_policy_treats_a_lease_expiry_as_a_loss() -> None:
+    m = _machine("a", "b", policy="rollback")
+    m.start()
+    assert m.lease_expired("b") is AckOutcome.RECORDED
+    assert m.state is S.ROLLBACK and m.failure is not None
+    assert m.failure.kind is FailureKind.DISCONNECT and m.failure.message == "lease expired"
+
+
+def test_rollback_policy_ignores_departing_agents() -> None:
+    m = MigrationMachine(
+        MID, has_contract=False, connected=["a"], departing=["b"], on_agent_loss="rollback"
+    )
+    m.start()
+    assert m.ledger is not None and m.ledger.cohort == {"a"}
+
+
+def test_unknown_agent_loss_policy_is_refused() -> None:
+    with pytest.raises(ValueError, match="on_agent_loss must be one of wait, rollback"):
+        MigrationMachine(MID, has_contract=False, on_agent_loss="retry")

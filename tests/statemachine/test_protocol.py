@@ -94,7 +94,7 @@ def test_unknown_type_lists_the_known_ones() -> None:
     err = _error('{"type": "bogus"}')
     assert err.code == "unknown_type"
     assert "'bogus'" in err.message
-    assert err.message.endswith("expected one of hello, ack, nack")
+    assert err.message.endswith("expected one of hello, ack, nack, renew")
 
 
 def test_coordinator_message_is_an_unknown_type_for_the_agent_side() -> None:
@@ -103,7 +103,7 @@ def test_coordinator_message_is_an_unknown_type_for_the_agent_side() -> None:
     assert "'welcome'" in err.message
     err = _error(encode(Ack(migration_id="m", phase=Phase.APPLY)), coordinator=True)
     assert err.code == "unknown_type"
-    assert err.message.endswith("expected one of welcome, phase, error")
+    assert err.message.endswith("expected one of welcome, phase, lease, error")
 
 
 @pytest.mark.parametrize(

@@ -111,6 +111,16 @@ class Left:
 
 
 @dataclasses.dataclass(frozen=True)
+class Expired:
+    """The agent's lease certainly expired (it is fenced): `lease_expired`."""
+
+    agent: str
+
+    def __str__(self) -> str:
+        return f"{self.agent}'s lease expires"
+
+
+@dataclasses.dataclass(frozen=True)
 class Deadline:
     def __str__(self) -> str:
         return "the ack deadline passes"
@@ -142,7 +152,9 @@ class Finish:
         return "the runner finishes the phase"
 
 
-Input = Begin | Acked | Nacked | Joined | Left | Deadline | SqlOk | SqlError | Cancel | Finish
+Input = (
+    Begin | Acked | Nacked | Joined | Left | Expired | Deadline | SqlOk | SqlError | Cancel | Finish
+)
 
 
 def drive(m: MigrationMachine, event: Input, *, timeout: float = 30.0) -> None:
@@ -160,6 +172,8 @@ def drive(m: MigrationMachine, event: Input, *, timeout: float = 30.0) -> None:
             m.agent_connected(agent)
         case Left(agent):
             m.agent_disconnected(agent)
+        case Expired(agent):
+            m.lease_expired(agent)
         case Deadline():
             m.deadline_passed(timeout)
         case SqlOk():
@@ -199,10 +213,20 @@ class Oracle:
     #: Agents that let a deadline of this migration pass: ROLLBACK does not wait for them.
     unresponsive: set[str] = dataclasses.field(default_factory=set)
     path: list[MigrationState] = dataclasses.field(default_factory=lambda: [S.PENDING])
+    #: "wait": a disconnect only makes the agent departing (its lease may be valid), and a
+    #: lease expiry takes it out of the cohort; "rollback": either one refuses the phase.
+    policy: str = "wait"
+    departing: set[str] = dataclasses.field(default_factory=set)
+    departed: set[str] = dataclasses.field(default_factory=set)  # of the current phase
 
     @classmethod
     def for_machine(cls, m: MigrationMachine) -> Oracle:
-        return cls(has_contract=m.has_contract, connected=set(m.connected))
+        return cls(
+            has_contract=m.has_contract,
+            connected=set(m.connected),
+            policy=m.on_agent_loss,
+            departing=set(m.departing),
+        )
 
     def clone(self) -> Oracle:
         return dataclasses.replace(
@@ -212,6 +236,8 @@ class Oracle:
             answered=set(self.answered),
             unresponsive=set(self.unresponsive),
             path=list(self.path),
+            departing=set(self.departing),
+            departed=set(self.departed),
         )
 
     def key(self) -> tuple[Any, ...]:
@@ -226,7 +252,14 @@ class Oracle:
             agent in self.acked,
             agent in self.answered,
             agent in self.unresponsive,
+            agent in self.departing,
+            agent in self.departed,
         )
+
+    def _done(self) -> bool:
+        """Every cohort agent acked or departed: the phase may complete."""
+        assert self.cohort is not None
+        return self.cohort <= self.acked | self.departed
 
     # -------------------------------------------------------------- the rules
     def _enter(self, state: MigrationState, expected: list[MigrationState]) -> None:
@@ -234,11 +267,12 @@ class Oracle:
         expected.append(state)
         phase = state.phase
         if phase is not None and phase in ACKED_PHASES:
-            cohort = self.connected
+            cohort = self.connected | self.departing
             if phase is Phase.ROLLBACK:
-                cohort = self.connected - self.unresponsive
+                cohort = cohort - self.unresponsive
             self.cohort = frozenset(cohort)
             self.acked, self.answered, self.closed = set(), set(), False
+            self.departed = set()
         else:
             self.cohort = None
         if state in _WAITING and not self.cohort:
@@ -273,8 +307,7 @@ class Oracle:
                 if self._counts(agent, phase, other):
                     self.acked.add(agent)
                     self.answered.add(agent)
-                    assert self.cohort is not None
-                    if state in _WAITING and self.cohort <= self.acked:
+                    if state in _WAITING and self._done():
                         self._advance(expected)
             case Nacked(agent, phase, other):
                 if self._counts(agent, phase, other):
@@ -283,14 +316,26 @@ class Oracle:
                         self._enter(S.ROLLBACK, expected)
             case Joined(agent):
                 self.connected.add(agent)
-            case Left(agent):
+                self.departing.discard(agent)
+            case Left(agent) if self.policy == "wait":
+                self.connected.discard(agent)
+                self.departing.add(agent)
+            case Expired(agent) if self.policy == "wait":
+                self.connected.discard(agent)
+                self.departing.discard(agent)
+                if self._counts(agent, None):
+                    self.answered.add(agent)
+                    self.departed.add(agent)
+                    if state in _WAITING and self._done():
+                        self._advance(expected)
+            case Left(agent) | Expired(agent):  # on_agent_loss="rollback"
                 self.connected.discard(agent)
                 if self._counts(agent, None):
                     self.answered.add(agent)
                     if state in _WAITING:
                         self._enter(S.ROLLBACK, expected)
             case Deadline():
-                if self.cohort is not None and not self.closed and not self.cohort <= self.acked:
+                if self.cohort is not None and not self.closed and not self._done():
                     self.unresponsive |= self.cohort - self.answered
                     if state in _WAITING:
                         self._enter(S.ROLLBACK, expected)
@@ -400,7 +445,8 @@ class Oracle:
         if self.cohort is not None and (ledger is None or ledger.cohort != self.cohort):
             got = "no ledger" if ledger is None else f"cohort {_fmt(ledger.cohort)}"
             raise InvariantViolation(
-                f"{self.state.name}'s cohort must be the agents connected when it began, "
+                f"{self.state.name}'s cohort must be the agents connected (or departing) when "
+                "it began, "
                 f"{_fmt(self.cohort)}; the machine has {got}"
             )
 
@@ -433,7 +479,7 @@ class Reply:
         return f"{self.agent}'s next answer arrives"
 
 
-Step = Deliver | Reply | Left | Deadline | SqlOk | SqlError | Cancel
+Step = Deliver | Reply | Left | Expired | Deadline | SqlOk | SqlError | Cancel
 
 Notice = tuple[Phase, bool]  # (phase, ack_required)
 Answer = tuple[Phase, bool]  # (phase, ok)
@@ -492,13 +538,14 @@ class World:
     MIGRATION_ID = "m-1"
     NAME = "m"
 
-    def __init__(self, agents: Iterable[str], *, has_contract: bool) -> None:
+    def __init__(self, agents: Iterable[str], *, has_contract: bool, policy: str = "wait") -> None:
         self.agent_ids = tuple(agents)
         self.machine = MigrationMachine(
             self.MIGRATION_ID,
             has_contract=has_contract,
             connected=self.agent_ids,
             clock=lambda: 0.0,
+            on_agent_loss=policy,
         )
         self.oracle = Oracle.for_machine(self.machine)
         self.agents = {a: AgentMachine() for a in self.agent_ids}
@@ -573,6 +620,8 @@ class World:
         out: list[Step] = []
         for a in self.agent_ids:
             if a not in self.connected:
+                if a in m.departing:
+                    out.append(Expired(a))
                 continue
             if self.inbox[a]:
                 out.append(Deliver(a))
@@ -705,7 +754,9 @@ class ExplorationFailure(AssertionError):
     """An invariant broke; the message has the shortest step sequence that breaks it."""
 
 
-def explore(n_agents: int, *, depth: int, has_contract: bool) -> ExplorationReport:
+def explore(
+    n_agents: int, *, depth: int, has_contract: bool, policy: str = "wait"
+) -> ExplorationReport:
     """Breadth-first over every interleaving of `Step`s for `n_agents` agents, `depth` deep.
 
     Worlds already seen (same `World.key`) are not expanded twice. Raises
@@ -716,7 +767,7 @@ def explore(n_agents: int, *, depth: int, has_contract: bool) -> ExplorationRepo
     if depth < 0:
         raise ValueError(f"depth must be >= 0, got {depth}")
     agents = [f"a{i + 1}" for i in range(n_agents)]
-    world = World(agents, has_contract=has_contract)
+    world = World(agents, has_contract=has_contract, policy=policy)
     start = world.key()
     parents: dict[tuple[Any, ...], tuple[tuple[Any, ...], Step] | None] = {start: None}
     frontier: deque[tuple[tuple[Any, ...], tuple[Any, ...], int]] = deque(

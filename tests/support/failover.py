@@ -108,6 +108,8 @@ class Outcome:
     #: Queries the app could not send because the database itself was down (restart case).
     unreachable: int = 0
     reconnects: int = 0
+    #: Requests the agents refused because they were fenced (the app's 503s; no query ran).
+    refused: int = 0
     saw: str = ""
     #: The processes' output, kept for a run that went wrong (the test prints it).
     logs: dict[str, str] = dataclasses.field(default_factory=dict, repr=False)
@@ -383,6 +385,7 @@ def _judge(outcome: Outcome, dsn: str, point: Point, report: dict[str, Any]) -> 
         outcome.queries_ok += agent["ok"]["old"] + agent["ok"]["new"]
         outcome.queries_failed += agent["failed_count"]
         outcome.unreachable += agent["unreachable"]
+        outcome.refused += agent["refused"]
         outcome.reconnects += max(0, agent["sessions"] - 1)
         if agent["applied"] != applied_expected:
             outcome.problems.append(

@@ -274,6 +274,11 @@ async def run_scenario(scenario: Scenario) -> Recording:
         history=InMemoryHistory(),
         ack_timeout=timeout,
         heartbeat_interval=math.inf,
+        # The invariants here judge each cohort against the agents *connected* and a leave as
+        # a refusal: the behaviour of on_agent_loss="rollback". The "wait" mode is covered by
+        # the FSM walks (tests/properties/test_fsm_properties.py, test_exhaustive.py) and the
+        # lease tests (tests/system/test_leases.py).
+        on_agent_loss="rollback",
     )
     coordinator.subscribe(recording.record)
     ids = scenario.agent_ids()

@@ -15,7 +15,7 @@ import psycopg
 import pytest
 import trio
 
-from agent import ThreadedAgent, open_agent
+from agent import AgentFenced, ThreadedAgent, open_agent
 from coordinator import Coordinator, open_coordinator, serve_coordinator
 from coordinator.history import PostgresHistory
 from statemachine import Migration, MigrationMachine, MigrationStatus, Phase
@@ -163,7 +163,10 @@ async def test_without_a_durable_source_the_agent_is_not_synced(
 ) -> None:
     async with open_agent(f"ws://127.0.0.1:{_free_port()}", agent_id="app-1") as agent:
         assert not agent.synced and agent.applied == frozenset()
-    assert any("cannot vouch for the schema" in r.getMessage() for r in caplog.records)
+        assert not agent.ready
+        with pytest.raises(AgentFenced, match="no coordinator reached and no database to read"):
+            agent.using("add_email")
+    assert any("starting fenced" in r.getMessage() for r in caplog.records)
 
 
 async def test_an_unreadable_database_is_logged_not_raised(
@@ -189,3 +192,28 @@ async def test_a_database_that_comes_up_after_the_boot_is_read_again(dsn: str) -
         await _until(lambda: agent.synced, timeout=20)
         assert agent.synced_from == "database" and agent.is_applied("add_email")
         assert not agent.connected
+
+
+async def test_a_durable_read_vouches_for_one_lease_only(dsn: str) -> None:
+    """Booted on the durable state, the agent re-reads it every lease/3; when the reads fail
+    for a whole lease it fences itself, and the next successful read vouches again."""
+    await _durable_state(dsn, "completed")
+    target = {"dsn": dsn}
+
+    def connect() -> psycopg.Connection[tuple[object, ...]]:
+        return psycopg.connect(target["dsn"], connect_timeout=2)
+
+    url = f"ws://127.0.0.1:{_free_port()}"
+    async with open_agent(url, agent_id="app-1", connect=connect, lease_seconds=0.9) as agent:
+        await _until(lambda: agent.synced, timeout=20)
+        assert agent.ready and agent.synced_from == "database"
+        with agent.using("add_email") as new:
+            assert new
+        await trio.sleep(2.0)  # still readable: re-read every 0.3 s, so never fenced
+        assert agent.ready
+        target["dsn"] = f"postgresql://nobody@127.0.0.1:{_free_port()}/down"
+        await _until(lambda: not agent.ready, timeout=10)
+        with pytest.raises(AgentFenced, match="durable state was not re-read"):
+            agent.using("add_email")
+        target["dsn"] = dsn
+        await _until(lambda: agent.ready, timeout=10)

@@ -340,6 +340,8 @@ async def test_contract_never_runs_when_apply_is_refused(dsn: str) -> None:
 # --------------------------------------------------------------------- disconnect
 @pytest.mark.parametrize("hook", ["on_announce", "on_apply"])
 async def test_cohort_agent_disconnecting_rolls_back_at_once(dsn: str, hook: str) -> None:
+    """on_agent_loss="rollback" (the behaviour before leases; the default "wait" is in
+    tests/system/test_leases.py)."""
     make_users(dsn)
     stalled = trio.Event()
 
@@ -347,7 +349,7 @@ async def test_cohort_agent_disconnecting_rolls_back_at_once(dsn: str, hook: str
         stalled.set()
         await trio.sleep_forever()
 
-    async with open_coordinator(dsn, port=0, ack_timeout=NEVER) as coord:
+    async with open_coordinator(dsn, port=0, ack_timeout=NEVER, on_agent_loss="rollback") as coord:
         events = EventLog()
         coord.subscribe(events)
         leaver_scope = trio.CancelScope()

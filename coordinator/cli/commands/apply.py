@@ -87,6 +87,7 @@ def register(subparsers: Subparsers) -> None:
     )
     parser.add_argument("--force", action="store_true", help="run despite lint errors")
     serving.add_sql_limits(parser)
+    serving.add_leases(parser)
     parser.set_defaults(func=run)
 
 
@@ -180,6 +181,7 @@ async def _serve_and_run(
         token=args.fleet_secret,
         shared_token=args.shared_token,
         ssl_context=args.ssl_context,
+        **serving.lease_options(args),  # type: ignore[arg-type]
     ) as coordinator:
         coordinator.subscribe(EventPrinter(out))
         coordinator.subscribe(progress)
@@ -246,6 +248,7 @@ def run(args: argparse.Namespace) -> int:
         )
     args.fleet_secret = options.token(args)
     serving.check_exposure(args, stderr_console())
+    serving.check_lease_fits(args, stderr_console())
     dsn = configured_dsn(args.dsn)
     if dsn is None:
         raise CommandError("apply needs a database: pass --dsn or set LOCKSTEP_DSN")

@@ -47,6 +47,7 @@ def register(subparsers: Subparsers) -> None:
     options.add_output(parser)
     serving.add_serving(parser)
     serving.add_sql_limits(parser)
+    serving.add_leases(parser)
     parser.add_argument(
         "--http-host", default="127.0.0.1", help="address of /healthz, /readyz and /metrics"
     )
@@ -95,6 +96,7 @@ async def _serve(args: argparse.Namespace, dsn: str, out: Output) -> None:
         http_port=args.http_port,
         token=args.fleet_secret,
         shared_token=args.shared_token,
+        **serving.lease_options(args),  # type: ignore[arg-type]
     ) as service:
         service.coordinator.subscribe(EventPrinter(out))
         service.coordinator.subscribe(_Finished(out))
@@ -111,6 +113,7 @@ async def _serve(args: argparse.Namespace, dsn: str, out: Output) -> None:
 def run(args: argparse.Namespace) -> int:
     args.fleet_secret = options.token(args)
     serving.check_exposure(args, stderr_console())
+    serving.check_lease_fits(args, stderr_console())
     dsn = configured_dsn(args.dsn)
     if dsn is None:
         raise CommandError("serve needs a database: pass --dsn or set LOCKSTEP_DSN")

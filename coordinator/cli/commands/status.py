@@ -7,9 +7,9 @@ in a reason is shown as text. ``--watch`` redraws every ``--interval`` seconds u
 
 ``--json`` prints one object: ``{"waiting_for_a_coordinator": bool, "leader": {"holder",
 "epoch", "since", "alive"} | null, "queue": [name], "in_flight": [{"name", "state", "since",
-"executed", "contracted", "cohort", "acked", "pending", "lock_retries", "backfills",
-"message", "abort_requested"}], "migrations": [{"name", "status", "started_at",
-"finished_at", "schema_restored", "reason"}]}`` (times in ISO 8601).
+"executed", "contracted", "cohort", "acked", "pending", "departing", "departed",
+"lock_retries", "backfills", "message", "abort_requested"}], "migrations": [{"name",
+"status", "started_at", "finished_at", "schema_restored", "reason"}]}`` (times in ISO 8601).
 """
 
 from __future__ import annotations
@@ -88,6 +88,8 @@ def snapshot_json(snap: Snapshot) -> dict[str, Any]:
                 "cohort": list(f.cohort),
                 "acked": list(f.acked),
                 "pending": list(f.pending),
+                "departing": list(f.departing),
+                "departed": list(f.departed),
                 "lock_retries": f.lock_retries,
                 "backfills": f.backfills,
                 "message": f.message,
@@ -167,6 +169,10 @@ def render(snap: Snapshot) -> Group:
                     + (f"; pending: {_names(f.pending)}" if f.pending else "")
                 )
             )
+        if f.departing:
+            parts.append(Text(f"  departing (lease not expired yet): {_names(f.departing)}"))
+        if f.departed:
+            parts.append(Text(f"  departed (lease expired, fenced): {_names(f.departed)}"))
         if f.lock_retries:
             parts.append(Text(f"  lock retries: {f.lock_retries}"))
         for backfilled, done in f.backfills.items():

@@ -60,6 +60,9 @@ def test_status_shows_markup_and_escapes_from_the_database_as_text(dsn: str) -> 
         ["--lock-retries", "0"],
         ["--lock-retry-seconds", "-1"],
         ["--ack-timeout", "nan"],
+        ["--lease", "0"],
+        ["--lease", "inf"],
+        ["--on-agent-loss", "shrug"],
     ],
 )
 def test_bad_numbers_are_usage_errors(tmp_path: Path, args: list[str]) -> None:
@@ -74,6 +77,14 @@ def test_bad_numbers_from_the_environment_are_usage_errors(tmp_path: Path) -> No
     proc = run_lockstep("apply", "x.sql", env=env)
     assert proc.returncode == 2
     assert "$LOCKSTEP_PORT" in proc.stderr
+    _clean(proc)
+
+
+def test_a_bad_lease_from_the_environment_says_why(tmp_path: Path) -> None:
+    env = {**os.environ, "LOCKSTEP_LEASE": "0.01", "LOCKSTEP_ON_AGENT_LOSS": "rollback"}
+    proc = run_lockstep("apply", "x.sql", env=env)
+    assert proc.returncode == 2
+    assert "$LOCKSTEP_LEASE" in proc.stderr and "lease must be at least 0.3 s" in proc.stderr
     _clean(proc)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 
 import psycopg
@@ -17,14 +18,20 @@ def _status(dsn: str) -> subprocess.CompletedProcess[str]:
     return run_lockstep("status", "--dsn", dsn)
 
 
-def _start_and_die(dsn: str, name: str) -> None:
-    """What a coordinator killed right after it recorded the start leaves behind."""
+def _start_and_die(dsn: str, name: str, *, churn: bool = False) -> None:
+    """What a coordinator killed right after it recorded the start leaves behind; with
+    `churn`, in ANNOUNCE with agent b departing and agent c departed."""
     history = PostgresHistory(dsn)
     migration = Migration(name, "SELECT 1")
 
     async def start() -> None:
         await history.ensure_schema()
         machine = MigrationMachine(migration.id, has_contract=False)
+        if churn:
+            machine = MigrationMachine(migration.id, has_contract=False, connected=["a", "b", "c"])
+            machine.start()
+            machine.agent_disconnected("b")
+            machine.lease_expired("c")
         await history.record_start(migration, Checkpoint.of(machine))
 
     trio.run(start)
@@ -45,6 +52,18 @@ def test_status_is_read_only_and_says_the_next_coordinator_resumes(dsn: str) -> 
     assert "crashed" in proc.stdout and "running" in proc.stdout
     assert "the next coordinator that starts on this database resumes" in proc.stdout
     assert _table(dsn) == before, "status must not write"
+
+
+def test_status_names_departing_and_departed_agents(dsn: str) -> None:
+    _start_and_die(dsn, "churned", churn=True)
+    proc = run_lockstep("status", "--dsn", dsn, "--json")
+    assert proc.returncode == 0, proc.stderr
+    (flight,) = json.loads(proc.stdout)["in_flight"]
+    assert flight["departing"] == ["b"] and flight["departed"] == ["c"]
+    assert flight["pending"] == ["a", "b"], "a departed agent owes nothing"
+    text = _status(dsn).stdout
+    assert "departing (lease not expired yet): b" in text
+    assert "departed (lease expired, fenced): c" in text
 
 
 def test_status_leaves_a_live_coordinators_run_alone(dsn: str) -> None:
