@@ -45,6 +45,7 @@ from agent.session import AgentSession, HookFn, MigrationInfo, ResyncStep
 from statemachine.exceptions import unwrap_single_group
 from statemachine.lease import DEFAULT_LEASE_SECONDS
 from statemachine.protocol import PhaseNotice, Welcome
+from statemachine.text import printable
 
 log = logging.getLogger("lockstep.agent")
 
@@ -194,7 +195,9 @@ def _closed_in_handshake(exc: ConnectionClosed) -> HandshakeRejected:
 def _network_cause(exc: BaseException, timeout: float) -> str:
     """trio-websocket's errors (and what they wrap) as a plain cause."""
     if isinstance(exc, ConnectionRejected):
-        return f"handshake rejected: HTTP {exc.status_code}"
+        body = (exc.body or b"")[:200].decode("utf-8", "replace")
+        said = printable(body).strip()
+        return f"handshake rejected: HTTP {exc.status_code}" + (f": {said}" if said else "")
     return describe_network_error(exc, timeout)
 
 

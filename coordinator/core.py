@@ -43,7 +43,7 @@ from statemachine.ledger import AckOutcome
 from statemachine.migration import Migration
 from statemachine.migration_fsm import AGENT_LOSS_POLICIES
 from statemachine.phases import MigrationStatus, Phase
-from statemachine.protocol import CLOSE_NOT_LEADER, Ack, Nack
+from statemachine.protocol import CLOSE_NOT_LEADER, Ack, Nack, unknown_path_message
 from statemachine.result import MigrationResult
 from statemachine.sql import build_plan
 from statemachine.sql.catalog import Catalog
@@ -448,7 +448,17 @@ class Coordinator:
         await serve_connection(self, ws)
 
     async def handle_request(self, request: WebSocketRequest, ticket: Ticket | None = None) -> None:
-        """Accept the upgrade and serve the agent; `ticket` is released once it said hello."""
+        """Accept the upgrade and serve the agent; `ticket` is released once it said hello.
+
+        Agents connect to the root path; any other path is refused with HTTP 404 and a body
+        that says so, because a wrong URL (``/ws``, a proxy's prefix) accepted silently hides
+        a configuration mistake that the agent's log should name."""
+        path = request.path.split("?", 1)[0]
+        if path not in ("", "/"):
+            log.info("refused a WebSocket upgrade for the unknown path %r", path[:100])
+            with contextlib.suppress(Exception):
+                await request.reject(404, body=unknown_path_message(path).encode())
+            return
         try:
             ws = await request.accept()
         except Exception:

@@ -31,6 +31,7 @@ CLOSE_DUPLICATE_AGENT: Final = 4009
 #: "This coordinator is a standby: try another URL." Agents given several URLs move on to the
 #: next one at once, without a warning.
 CLOSE_NOT_LEADER: Final = 4011
+
 CLOSE_BUSY: Final = 1013  # "try again later": too many connections are still in their handshake
 CLOSE_COORDINATOR_SHUTDOWN: Final = 1001  # "going away"
 
@@ -219,6 +220,12 @@ def encode(message: _Message) -> str:
     return _encoder.encode(message).decode()
 
 
+def unknown_path_message(path: str) -> str:
+    """The body of the HTTP 404 a coordinator answers an upgrade for any path but ``/``."""
+    shown = path[:100].encode("ascii", "backslashreplace").decode("ascii")
+    return f"lockstep agents connect to the path / (ws://host:port/), not {shown}"
+
+
 __all__ = [
     "AGENT_ID_PATTERN",
     "CLOSE_BUSY",
@@ -249,4 +256,5 @@ __all__ = [
     "decode_coordinator_message",
     "encode",
     "frame_depth",
+    "unknown_path_message",
 ]

@@ -16,9 +16,14 @@ import pytest
 import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from trio_websocket import ConnectionClosed, WebSocketConnection
+from trio_websocket import (
+    ConnectionClosed,
+    ConnectionRejected,
+    WebSocketConnection,
+    open_websocket_url,
+)
 
-from agent import open_agent
+from agent import CoordinatorUnreachable, open_agent
 from coordinator import Coordinator, open_coordinator
 from coordinator.events import BadFrame
 from statemachine import Migration, MigrationStatus, Phase
@@ -305,3 +310,19 @@ def test_random_frames_never_stop_the_coordinator(dsn: str) -> None:
 
         trio.run(real_agent_still_served)
     assert "f" in columns(dsn)
+
+
+async def test_an_upgrade_for_an_unknown_path_is_refused_with_404_and_a_reason(
+    dsn: str,
+) -> None:
+    async with open_coordinator(dsn, port=0) as coord:
+        with pytest.raises(ConnectionRejected) as raw:
+            async with open_websocket_url(coord.url + "/ws"):
+                pass
+        assert raw.value.status_code == 404
+        assert b"connect to the path /" in (raw.value.body or b"")
+        with pytest.raises(CoordinatorUnreachable, match="HTTP 404: lockstep agents connect"):
+            async with open_agent(coord.url + "/ws", agent_id="a1", wait_connected=True):
+                pass
+        async with open_agent(coord.url + "/?x=1", agent_id="a2", wait_connected=True) as ok:
+            assert ok.synced  # the root path, with or without a query string, is served
