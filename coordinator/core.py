@@ -242,7 +242,12 @@ class Coordinator:
                 history=self.history,
                 warnings=lint_warnings,
             )
-            await self.history.record_start(migration, Checkpoint.of(run.machine))
+            # Started before the start is recorded, so the first checkpoint written is
+            # ANNOUNCE's (one write less; nothing was sent yet either way).
+            run.machine.start()
+            started = Checkpoint.of(run.machine)
+            await self.history.record_start(migration, started)
+            run.mark_durable(started)
             return await self._drive_run(run, rollback_on_cancel=rollback_on_cancel)
 
     async def _drive_run(

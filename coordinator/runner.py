@@ -237,6 +237,11 @@ class MigrationRun:
                 raise AssertionError(f"runner has no work for state {state}")
         await self.persist()
 
+    def mark_durable(self, checkpoint: Checkpoint) -> None:
+        """`checkpoint` was written by the caller (the start of the run): `persist` does
+        not write it again."""
+        self._saved = checkpoint
+
     async def persist(self) -> None:
         """Write the machine's checkpoint if it changed since the last write.
 

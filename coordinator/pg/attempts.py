@@ -324,11 +324,15 @@ class LockSafeSession:
 
         ``SET LOCAL`` cannot take a parameter, so the values go through ``set_config``.
         """
-        conn.execute("SELECT set_config('lock_timeout', %s, %s)", (ms(self.lock_timeout), local))
-        if statement_timeout is not None:
+        if statement_timeout is None:
             conn.execute(
-                "SELECT set_config('statement_timeout', %s, %s)", (ms(statement_timeout), local)
+                "SELECT set_config('lock_timeout', %s, %s)", (ms(self.lock_timeout), local)
             )
+            return
+        conn.execute(  # one round trip for both
+            "SELECT set_config('lock_timeout', %s, %s), set_config('statement_timeout', %s, %s)",
+            (ms(self.lock_timeout), local, ms(statement_timeout), local),
+        )
 
     async def transaction_attempt(
         self,
