@@ -377,26 +377,20 @@ def write_section(path: Path, section: str) -> None:
     scaffold.write_section(path, section, BEGIN_MARK, END_MARK, SECTION_TITLE)
 
 
-def _header(
-    args: argparse.Namespace, argv: Sequence[str] | None, server: str, seconds: float
-) -> list[str]:
-    return scaffold.header(
-        "bench-backfill",
-        argv,
-        server,
-        seconds,
-        f"{args.rows:,} rows, {args.instances} application loops with a"
-        f" {args.pause * 1000:g} ms pause",
-    )
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     console = scaffold.console()
     started = time.monotonic()
     with resolve_dsn(args.dsn) as server:
         rows = trio.run(_bench, server, args, console)
-        header = _header(args, argv, server, time.monotonic() - started)
+        header = scaffold.header(
+            "bench-backfill",
+            argv,
+            server,
+            time.monotonic() - started,
+            f"{args.rows:,} rows, {args.instances} application loops with a"
+            f" {args.pause * 1000:g} ms pause",
+        )
     console.print(table(rows))
     for line in ratios(rows):
         console.print(line)

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import gc
 import json
 import statistics
 import sys
@@ -203,27 +202,6 @@ class _Child:
                 await self.process.wait()
 
 
-class GcClock:
-    """Seconds spent in the cyclic garbage collector while open (`gc.callbacks`)."""
-
-    def __init__(self) -> None:
-        self.total = 0.0
-        self._started = 0.0
-
-    def _callback(self, phase: str, info: dict[str, int]) -> None:
-        if phase == "start":
-            self._started = time.perf_counter()
-        else:
-            self.total += time.perf_counter() - self._started
-
-    def __enter__(self) -> GcClock:
-        gc.callbacks.append(self._callback)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        gc.callbacks.remove(self._callback)
-
-
 def rss_kib() -> float:
     """This process's resident memory now (Linux /proc; elsewhere the peak, from rusage)."""
     try:
@@ -346,7 +324,7 @@ async def _lockstep_once(
     coord: Any, raw: _Child, i: int, samples: _Samples, console: Console
 ) -> None:
     migration = Migration(f"fleet_add_c{i}", [f"ALTER TABLE fleet_bench ADD COLUMN c{i} int"])
-    with GcClock() as clock:
+    with scaffold.GcClock() as clock:
         cpu = time.process_time()
         t0 = time.perf_counter()
         result = await coord.run_migration(migration)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import json
 import os
 import sys
@@ -45,6 +44,7 @@ from statemachine.protocol import (
     decode_agent_message,
     encode,
 )
+from tests.bench import scaffold
 
 #: Agents of one worker connecting at the same time (a burst of thousands of handshakes
 #: would only measure the listen backlog).
@@ -160,42 +160,22 @@ class RawServer:
         """ANNOUNCE and APPLY, each broadcast and collected, then CONFIRM without waiting."""
         migration_id = str(uuid.uuid4())
         out: dict[str, Any] = {"agents": len(self.conns)}
-        gc_seconds = _GcClock()
-        cpu0, t0 = time.process_time(), time.perf_counter()
-        send_cpu = 0.0
-        for phase in (Phase.ANNOUNCE, Phase.APPLY):
-            started = time.perf_counter()
-            send_cpu += await self._broadcast(migration_id, name, phase, True)
-            with trio.fail_after(ACK_TIMEOUT):
-                await self.done.wait()
-            out[phase.name] = time.perf_counter() - started
-        send_cpu += await self._broadcast(migration_id, name, Phase.CONFIRM, True)
-        self.expected = None
-        out["total_s"] = time.perf_counter() - t0
-        out["cpu_s"] = time.process_time() - cpu0
+        with scaffold.GcClock() as clock:
+            cpu0, t0 = time.process_time(), time.perf_counter()
+            send_cpu = 0.0
+            for phase in (Phase.ANNOUNCE, Phase.APPLY):
+                started = time.perf_counter()
+                send_cpu += await self._broadcast(migration_id, name, phase, True)
+                with trio.fail_after(ACK_TIMEOUT):
+                    await self.done.wait()
+                out[phase.name] = time.perf_counter() - started
+            send_cpu += await self._broadcast(migration_id, name, Phase.CONFIRM, True)
+            self.expected = None
+            out["total_s"] = time.perf_counter() - t0
+            out["cpu_s"] = time.process_time() - cpu0
         out["send_cpu_s"] = send_cpu
-        out["gc_s"] = gc_seconds.stop()
+        out["gc_s"] = clock.total
         return out
-
-
-class _GcClock:
-    """Seconds spent in the cyclic garbage collector from now until `stop` (gc.callbacks)."""
-
-    def __init__(self) -> None:
-        self.total = 0.0
-        self._started = 0.0
-        gc.callbacks.append(self._callback)
-
-    def _callback(self, phase: str, info: dict[str, int]) -> None:
-        if phase == "start":
-            self._started = time.perf_counter()
-        else:
-            self.total += time.perf_counter() - self._started
-
-    def stop(self) -> float:
-        if self._callback in gc.callbacks:
-            gc.callbacks.remove(self._callback)
-        return self.total
 
 
 async def run_raw() -> None:

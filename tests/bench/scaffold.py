@@ -8,9 +8,11 @@ sections of docs/benchmarks.md say what machine measured them.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import platform
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -86,3 +88,24 @@ def publish(
     else:
         write(args.out, text)
         out.print(f"wrote the {what} section of {args.out}")
+
+
+class GcClock:
+    """Seconds spent in the cyclic garbage collector while open (`gc.callbacks`)."""
+
+    def __init__(self) -> None:
+        self.total = 0.0
+        self._started = 0.0
+
+    def _callback(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            self.total += time.perf_counter() - self._started
+
+    def __enter__(self) -> GcClock:
+        gc.callbacks.append(self._callback)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        gc.callbacks.remove(self._callback)

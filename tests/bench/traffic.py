@@ -174,18 +174,6 @@ async def _bench(
     return rows, holds
 
 
-def _header(
-    args: argparse.Namespace, argv: Sequence[str] | None, server: str, seconds: float
-) -> list[str]:
-    return scaffold.header(
-        "bench-traffic",
-        argv,
-        server,
-        seconds,
-        f"{args.agents} agents, lock_timeout {args.lock_timeout:g} s, lock held {args.hold:g} s",
-    )
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     console = scaffold.console()
@@ -200,7 +188,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.monotonic()
     with resolve_dsn(args.dsn) as server:
         rows, holds = trio.run(_bench, server, args, selected, console)
-        header = _header(args, argv, server, time.monotonic() - started)
+        header = scaffold.header(
+            "bench-traffic",
+            argv,
+            server,
+            time.monotonic() - started,
+            f"{args.agents} agents, lock_timeout {args.lock_timeout:g} s,"
+            f" lock held {args.hold:g} s",
+        )
     if rows:
         console.print(recipe_table(rows))
     if holds:
