@@ -275,6 +275,7 @@ class Coordinator:
             if final.status is not MigrationStatus.RUNNING:
                 with trio.CancelScope(shield=True):
                     await self.history.record_finish(migration, final)
+                run.send_confirm()
         if result.status is MigrationStatus.COMPLETED:
             self._applied.append(migration.name)
         self.events.emit(MigrationFinished(migration.name, result.status, result.reason))

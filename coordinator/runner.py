@@ -87,6 +87,7 @@ class MigrationRun:
             else (history.journal(migration) if history is not None else None)
         )
         self._saved: Checkpoint | None = None
+        self._confirm_sent = False
         self.attempts: list[SqlAttempt] = []
         self.backfills: list[BackfillStats] = []
         #: Warnings known before the run (lint).
@@ -227,15 +228,25 @@ class MigrationRun:
                         f"an abort was requested ({self.abort_reason}) while CONTRACT ran; "
                         "CONTRACT committed, so the migration went forward"
                     )
+            elif state is S.CONFIRM:
+                # Nothing is awaited here (`MigrationMachine.acks_awaited`): the run finishes
+                # now and the notice goes out once the result is recorded (`send_confirm`),
+                # so the last writes do not queue behind a fleet's worth of frames and acks.
+                m.finish()
             elif phase in ACKED_PHASES:
                 await self._collect_answers()
-                if state is S.CONFIRM:
-                    m.finish()
-                elif state is S.ROLLBACK:
+                if state is S.ROLLBACK:
                     await self._restore_schema()
             else:  # pragma: no cover - the FSM has no other non-terminal state
                 raise AssertionError(f"runner has no work for state {state}")
         await self.persist()
+
+    def send_confirm(self) -> None:
+        """Send CONFIRM to its cohort, once, if the run completed (the coordinator calls it
+        after recording the finish). Its answers still count, late (docs/state-machine.md)."""
+        if self.machine.state is S.COMPLETED and not self._confirm_sent:
+            self._confirm_sent = True
+            self._notify_phase(Phase.CONFIRM)
 
     def mark_durable(self, checkpoint: Checkpoint) -> None:
         """`checkpoint` was written by the caller (the start of the run): `persist` does
@@ -314,8 +325,6 @@ class MigrationRun:
         state = m.state
         assert state.phase is not None
         self._notify_phase(state.phase)
-        if not m.acks_awaited:
-            return  # CONFIRM: the machine completes without a round of acks
         # Who acked so far is made durable (for `lockstep status`; resuming does not need
         # it) at most every ACK_CHECKPOINT_INTERVAL: a checkpoint per wake-up, with the
         # whole acked set in it, cost more than the acks themselves at fleet scale.
