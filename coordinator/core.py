@@ -12,7 +12,7 @@ import gc
 import logging
 import math
 import ssl
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any
 
 import psycopg
@@ -57,20 +57,26 @@ ROUND_GC_THRESHOLD = 50_000
 
 
 @contextlib.contextmanager
-def tuned_gc() -> Iterator[None]:
+def tuned_gc(*, release: Callable[[], bool] = lambda: True) -> Iterator[None]:
     """While a migration runs: the heap as it was frozen, and fewer young collections.
 
     Why: at fleet scale the cyclic collector was the largest single cost of a migration
     (about half of it at 10,000 agents): every collection of the old generation traversed
     the whole fleet (connections, tasks, buffers), which a migration does not change.
     `gc.freeze()` moves every object alive when the migration starts into the permanent
-    generation, so collections during the rounds see only what the rounds allocate, and the
-    young threshold is raised to `ROUND_GC_THRESHOLD` so a broadcast's short-lived objects
-    die before the collector looks. Both are undone when the migration ends (`gc.unfreeze`,
-    the old thresholds): garbage with cycles from before the migration stays collectable by
-    the next full collection, which then runs between migrations. Frames themselves make no
-    reference cycles (the ack path allocates nothing that refers back to itself), so the
-    frozen heap does not grow with the traffic. Both calls are O(1).
+    generation, so collections see only what was allocated since, and the young threshold
+    is raised to `ROUND_GC_THRESHOLD` while the migration runs so a broadcast's short-lived
+    objects die before the collector looks (the old thresholds are put back after).
+
+    The heap stays frozen after the migration unless `release()` says otherwise: unfrozen,
+    the whole fleet would be back in the old generation with CPython's count of long-lived
+    objects still the small one of the frozen heap, and the next collections would traverse
+    it all (hundreds of ms at 1,000 agents, at the start of the next migration). Frozen
+    objects are still freed when their last reference goes; only garbage with reference
+    cycles cannot be collected while frozen, and the fleet makes such garbage only when an
+    agent's connection ends, so the coordinator releases (unfreezes) after a migration
+    during or before which an agent left. Frames make no reference cycles (the ack path
+    allocates nothing that refers back to itself). Every call here is O(1).
     """
     thresholds = gc.get_threshold()
     gc.freeze()
@@ -79,7 +85,8 @@ def tuned_gc() -> Iterator[None]:
         yield
     finally:
         gc.set_threshold(*thresholds)
-        gc.unfreeze()
+        if release():
+            gc.unfreeze()
 
 
 @dataclasses.dataclass
@@ -139,6 +146,8 @@ class Coordinator:
         #: None while this coordinator serves agents; otherwise why it refuses them (a
         #: standby of ``lockstep serve``: agents go to the leader, close code 4011).
         self.standby_reason: str | None = None
+        #: Agents that left since the heap was last frozen (`tuned_gc`, `_release_heap`).
+        self._left_since_freeze = 0
         #: The lint gate's catalog, read on one held connection (closed by `aclose`).
         self._catalog_reader: CatalogReader | None = None
 
@@ -263,7 +272,7 @@ class Coordinator:
         migration = run.migration
         self._active = run
         try:
-            with tuned_gc(), unwrap_single_group():
+            with tuned_gc(release=self._release_heap), unwrap_single_group():
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._write_progress, run)
                     result = await run.run(rollback_on_cancel=rollback_on_cancel)
@@ -280,6 +289,11 @@ class Coordinator:
             self._applied.append(migration.name)
         self.events.emit(MigrationFinished(migration.name, result.status, result.reason))
         return result
+
+    def _release_heap(self) -> bool:
+        """Unfreeze after this migration? Only if an agent left (see `tuned_gc`)."""
+        left, self._left_since_freeze = self._left_since_freeze, 0
+        return left > 0
 
     async def _write_progress(self, run: MigrationRun) -> None:
         """Keep the run's live progress in the database, at most once a second (for
@@ -445,6 +459,7 @@ class Coordinator:
             self._active.on_join(agent_id)
 
     def agent_left(self, agent_id: str) -> None:
+        self._left_since_freeze += 1
         if self._active is not None:
             self._active.on_leave(agent_id)
 
