@@ -12,7 +12,7 @@ import gc
 import logging
 import math
 import ssl
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import psycopg
@@ -51,41 +51,51 @@ from statemachine.text import printable
 log = logging.getLogger("lockstep.coordinator")
 
 
-#: While a migration runs, objects allocated before a young-generation collection (CPython's
-#: default is 700). See `tuned_gc`.
-ROUND_GC_THRESHOLD = 50_000
+class CollectorHold:
+    """The cyclic garbage collector, held off while a migration and its CONFIRM answers run.
 
+    Why: at fleet scale the collector was the largest single cost of a migration (about half
+    of it at 10,000 agents): collections kept traversing the fleet (connections, tasks,
+    buffers), which a migration does not change, and the objects every round keeps alive for
+    a moment. `hold` freezes the heap alive when the migration starts (`gc.freeze`: later
+    collections never look at it again) and disables automatic collection; `release`
+    enables it again. The coordinator holds from the start of a migration until the last
+    CONFIRM answer came in (at most `ack_timeout` after the finish): CONFIRM is not waited
+    for, so its frames and acks run after the result, and would otherwise pay the
+    collector's full price. What a migration leaves as cyclic garbage is small (its state
+    machine: a few hundred objects) and is collected once the hold ends.
 
-@contextlib.contextmanager
-def tuned_gc(*, release: Callable[[], bool] = lambda: True) -> Iterator[None]:
-    """While a migration runs: the heap as it was frozen, and fewer young collections.
-
-    Why: at fleet scale the cyclic collector was the largest single cost of a migration
-    (about half of it at 10,000 agents): every collection of the old generation traversed
-    the whole fleet (connections, tasks, buffers), which a migration does not change.
-    `gc.freeze()` moves every object alive when the migration starts into the permanent
-    generation, so collections see only what was allocated since, and the young threshold
-    is raised to `ROUND_GC_THRESHOLD` while the migration runs so a broadcast's short-lived
-    objects die before the collector looks (the old thresholds are put back after).
-
-    The heap stays frozen after the migration unless `release()` says otherwise: unfrozen,
-    the whole fleet would be back in the old generation with CPython's count of long-lived
+    The heap stays frozen after a release unless `unfreeze` is asked for: unfrozen, the
+    whole fleet would be back in the old generation with CPython's count of long-lived
     objects still the small one of the frozen heap, and the next collections would traverse
-    it all (hundreds of ms at 1,000 agents, at the start of the next migration). Frozen
-    objects are still freed when their last reference goes; only garbage with reference
-    cycles cannot be collected while frozen, and the fleet makes such garbage only when an
-    agent's connection ends, so the coordinator releases (unfreezes) after a migration
-    during or before which an agent left. Frames make no reference cycles (the ack path
-    allocates nothing that refers back to itself). Every call here is O(1).
+    it all (hundreds of ms at 1,000 agents). Frozen objects are still freed when their last
+    reference goes; only garbage with reference cycles cannot be collected while frozen, and
+    the fleet makes such garbage only when an agent's connection ends, so the coordinator
+    unfreezes after a migration during or before which an agent left. Every call is O(1).
     """
-    thresholds = gc.get_threshold()
-    gc.freeze()
-    gc.set_threshold(max(thresholds[0], ROUND_GC_THRESHOLD), *thresholds[1:])
-    try:
-        yield
-    finally:
-        gc.set_threshold(*thresholds)
-        if release():
+
+    def __init__(self) -> None:
+        self.held = False
+        self._enabled = True
+        #: Which hold a later `release` belongs to (a stale timer must not end a newer one).
+        self.token = 0
+
+    def hold(self) -> int:
+        gc.freeze()
+        if not self.held:
+            self._enabled = gc.isenabled()
+            gc.disable()
+            self.held = True
+        self.token += 1
+        return self.token
+
+    def release(self, *, unfreeze: bool, token: int | None = None) -> None:
+        if not self.held or (token is not None and token != self.token):
+            return
+        self.held = False
+        if self._enabled:
+            gc.enable()
+        if unfreeze:
             gc.unfreeze()
 
 
@@ -146,14 +156,18 @@ class Coordinator:
         #: None while this coordinator serves agents; otherwise why it refuses them (a
         #: standby of ``lockstep serve``: agents go to the leader, close code 4011).
         self.standby_reason: str | None = None
-        #: Agents that left since the heap was last frozen (`tuned_gc`, `_release_heap`).
+        #: Agents that left since the heap was last frozen (`CollectorHold`).
         self._left_since_freeze = 0
+        self.collector = CollectorHold()
+        #: Where `serve` runs its tasks (the collector's release timer), once it runs.
+        self._nursery: trio.Nursery | None = None
         #: The lint gate's catalog, read on one held connection (closed by `aclose`).
         self._catalog_reader: CatalogReader | None = None
 
     async def aclose(self) -> None:
         """Close the connections this coordinator holds for reuse (the catalog's, the
         executor's and the history's); `open_coordinator` calls it on the way out."""
+        self.collector.release(unfreeze=True)
         with trio.CancelScope(shield=True):
             if self._catalog_reader is not None:
                 await self._catalog_reader.aclose()
@@ -272,7 +286,8 @@ class Coordinator:
         migration = run.migration
         self._active = run
         try:
-            with tuned_gc(release=self._release_heap), unwrap_single_group():
+            token = self.collector.hold()
+            with unwrap_single_group():
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._write_progress, run)
                     result = await run.run(rollback_on_cancel=rollback_on_cancel)
@@ -285,15 +300,40 @@ class Coordinator:
                 with trio.CancelScope(shield=True):
                     await self.history.record_finish(migration, final)
                 run.send_confirm()
+            self._release_collector_after(run, token)
         if result.status is MigrationStatus.COMPLETED:
             self._applied.append(migration.name)
         self.events.emit(MigrationFinished(migration.name, result.status, result.reason))
         return result
 
     def _release_heap(self) -> bool:
-        """Unfreeze after this migration? Only if an agent left (see `tuned_gc`)."""
+        """Unfreeze after this migration? Only if an agent left (see `CollectorHold`)."""
         left, self._left_since_freeze = self._left_since_freeze, 0
         return left > 0
+
+    def _release_collector_after(self, run: MigrationRun, token: int) -> None:
+        """End the collector hold of `run` now, or once its CONFIRM answers are in (at the
+        latest `ack_timeout` later; without a nursery to wait in, now)."""
+        ledger = run.machine.ledger
+        waiting = (
+            run.machine.status is MigrationStatus.COMPLETED
+            and ledger is not None
+            and not ledger.settled
+        )
+        if waiting and self._nursery is not None:
+            self._nursery.start_soon(self._release_collector_at, token, run.ack_timeout)
+        else:
+            self.collector.release(unfreeze=self._release_heap(), token=token)
+
+    async def _release_collector_at(self, token: int, delay: float) -> None:
+        await trio.sleep(delay)
+        self.collector.release(unfreeze=self._release_heap(), token=token)
+
+    def _confirm_answered(self, run: MigrationRun) -> None:
+        """The finished run's CONFIRM answers are all in: the collector may run again."""
+        ledger = run.machine.ledger
+        if self.collector.held and ledger is not None and ledger.settled:
+            self.collector.release(unfreeze=self._release_heap())
 
     async def _write_progress(self, run: MigrationRun) -> None:
         """Keep the run's live progress in the database, at most once a second (for
@@ -477,7 +517,10 @@ class Coordinator:
         run = self._run_for(ack.migration_id) or self._active
         if run is None:
             return AckOutcome.STALE
-        return run.on_ack(agent_id, ack.migration_id, ack.phase)
+        outcome = run.on_ack(agent_id, ack.migration_id, ack.phase)
+        if run is self._finished and self._active is None:
+            self._confirm_answered(run)
+        return outcome
 
     def route_nack(self, agent_id: str, nack: Nack) -> AckOutcome:
         run = self._run_for(nack.migration_id) or self._active
@@ -524,6 +567,7 @@ class Coordinator:
         and the URL is ``wss://``.
         """
         async with trio.open_nursery() as nursery:
+            self._nursery = nursery
             server = await nursery.start(
                 serve_bounded, self.handle_request, host, port, ssl_context, self.limits
             )
