@@ -55,7 +55,14 @@ def server_version(dsn: str) -> str:
 def command(target: str, argv: Sequence[str] | None) -> str:
     """How this run is repeated: the make target with the arguments it was given (`argv` as
     `main` got it: None means the command line's)."""
-    extra = " ".join(sys.argv[1:] if argv is None else argv)
+    words = list(sys.argv[1:] if argv is None else argv)
+    # A server's address is this machine's business (and may hold a password): not the doc's.
+    for i, word in enumerate(words):
+        if word.startswith("--dsn="):
+            words[i] = "--dsn=…"
+        elif word == "--dsn" and i + 1 < len(words):
+            words[i + 1] = "…"
+    extra = " ".join(words)
     return f"make {target} ARGS='{extra}'" if extra else f"make {target}"
 
 

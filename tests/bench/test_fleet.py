@@ -93,3 +93,11 @@ def test_bad_agent_counts_are_rejected(bad: str, capsys: pytest.CaptureFixture[s
         fleet.main(["--agents", bad, "--no-write"])
     assert exit_info.value.code == 2
     assert "agent counts" in capsys.readouterr().err
+
+
+def test_the_command_line_in_the_doc_leaves_the_server_out() -> None:
+    from tests.bench import scaffold
+
+    line = scaffold.command("bench-fleet", ["--agents", "5", "--dsn", "postgresql://u:pw@h/db"])
+    assert line == "make bench-fleet ARGS='--agents 5 --dsn …'"
+    assert "pw" not in scaffold.command("bench-fleet", ["--dsn=postgresql://u:pw@h/db"])
