@@ -144,6 +144,9 @@ WHERE NOT i.indisvalid AND i.indexrelid = to_regclass(%s) AND i.indrelid = to_re
 class PostgresExecutor:
     """Runs each phase's planned execution groups on fresh connections, lock-safely.
 
+    With `reuse_connections` (a coordinator's own executor; `aclose` ends it) a
+    transactional group runs on the session the previous one left clean, reset with
+    ``DISCARD ALL`` (`LockSafeSession`); autocommit statements always get a fresh session.
     `lock_timeout`, `statement_timeout` and `autocommit_statement_timeout` are in seconds;
     `retry` bounds the retries on lock timeouts; `rng` makes the jitter reproducible in tests.
     """
@@ -157,6 +160,7 @@ class PostgresExecutor:
         autocommit_statement_timeout: float | None = None,
         retry: RetryPolicy | None = None,
         rng: random.Random | None = None,
+        reuse_connections: bool = False,
     ) -> None:
         if autocommit_statement_timeout is not None and not autocommit_statement_timeout > 0:
             raise ValueError(
@@ -170,8 +174,13 @@ class PostgresExecutor:
             retry=retry,
             rng=rng,
         )
+        self.session.reuse_connection = reuse_connections
         self.dsn = dsn
         self.autocommit_statement_timeout = autocommit_statement_timeout
+
+    async def aclose(self) -> None:
+        """Close the connection kept for the next transaction (`reuse_connections`)."""
+        await self.session.aclose()
 
     @property
     def lock_timeout(self) -> float:

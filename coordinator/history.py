@@ -35,9 +35,11 @@ from coordinator.leader import (
     LEADER_LOCK_ROWS,
     Deposed,
     Leadership,
+    LockSession,
     open_leadership,
 )
 from coordinator.pg import thread as pgthread
+from coordinator.pg.held import HeldConnection
 from statemachine.checkpoint import Checkpoint
 from statemachine.exceptions import LockstepError
 from statemachine.migration import Migration
@@ -321,12 +323,24 @@ def _parse_journal(raw: Any) -> set[tuple[Phase, int]]:
 class PostgresHistory:
     """`History` in the target database's `lockstep` schema (module docstring)."""
 
-    def __init__(self, dsn: str) -> None:
+    def __init__(self, dsn: str, *, hold_connections: bool = False) -> None:
         self.dsn = dsn
         #: The epoch this coordinator took with the migration lock (0: it holds none).
         self.epoch = 0
         self._leadership: Leadership | None = None
         self._term = False
+        #: With `hold_connections` (a coordinator, for its lifetime: `aclose` ends them),
+        #: statements reuse one connection and the migration lock one session, instead of a
+        #: fresh connection each (see `HeldConnection`, `LockSession`).
+        self.held = HeldConnection(dsn) if hold_connections else None
+        self.lock_session = LockSession() if hold_connections else None
+
+    async def aclose(self) -> None:
+        """Close the connections held for reuse (none unless `hold_connections`)."""
+        if self.held is not None:
+            await self.held.aclose()
+        if self.lock_session is not None:
+            await self.lock_session.discard()
 
     async def _run(
         self, sql: str, params: tuple[object, ...] | dict[str, object] = ()
@@ -337,6 +351,8 @@ class PostgresHistory:
     async def _run_counted(
         self, sql: str, params: tuple[object, ...] | dict[str, object] = ()
     ) -> tuple[list[tuple[Any, ...]], int]:
+        if self.held is not None:
+            return await self.held.query(sql, params)
         return await pgthread.query(self.dsn, sql, params)
 
     async def ensure_schema(self) -> None:
@@ -524,7 +540,7 @@ class PostgresHistory:
                 raise Deposed(f"no longer the leader: {self._leadership.lost_reason}")
             yield
             return
-        async with open_leadership(self.dsn) as leadership:
+        async with open_leadership(self.dsn, session=self.lock_session) as leadership:
             self._leadership = leadership
             self.epoch = leadership.epoch
             try:

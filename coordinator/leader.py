@@ -141,6 +141,53 @@ async def _connect_lock_session(dsn: str) -> psycopg.Connection[Any]:
     return conn
 
 
+class LockSession:
+    """The leader lock's session, kept open between leaderships (`open_leadership(session=)`).
+
+    Why: a coordinator that runs migrations one after the other takes the lock once per
+    migration; opening a session each time costs a backend start-up and a round trip more
+    than unlocking and keeping it. Released, the lock is given back with
+    ``pg_advisory_unlock_all()`` (a standby can take it at once, as when the session
+    closes); a session that failed, or could not be released, is closed instead, and the
+    next leadership opens a new one.
+    """
+
+    def __init__(self) -> None:
+        self.conn: psycopg.Connection[Any] | None = None
+        #: Sessions opened so far (the benchmark and tests read it).
+        self.opened = 0
+
+    async def connection(self, dsn: str) -> tuple[psycopg.Connection[Any], bool]:
+        """The held session, or a new one; and whether it was held (reused)."""
+        if self.conn is not None and not self.conn.closed:
+            return self.conn, True
+        self.conn = await _connect_lock_session(dsn)
+        self.opened += 1
+        return self.conn, False
+
+    async def release(self) -> None:
+        """Give the lock back and keep the session; close it if that fails."""
+        conn = self.conn
+        if conn is None:
+            return
+        with trio.CancelScope(shield=True), trio.move_on_after(2.0):
+            try:
+                await trio.to_thread.run_sync(
+                    lambda: conn.execute("SELECT pg_advisory_unlock_all()"),
+                    abandon_on_cancel=True,
+                )
+                return
+            except psycopg.Error as exc:
+                log.info("closing the leader lock session: %s", pg_message(exc))
+        await self.discard()
+
+    async def discard(self) -> None:
+        """Close the held session (the lock goes with it)."""
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            await _discard(conn)
+
+
 async def _discard(conn: psycopg.Connection[Any]) -> None:
     """Close the lock session without waiting on a connection that may never answer."""
     with trio.CancelScope(shield=True), trio.move_on_after(2.0):
@@ -174,6 +221,7 @@ async def open_leadership(
     probe_interval: float = 1.0,
     probe_timeout: float = 3.0,
     takes_queue: bool = False,
+    session: LockSession | None = None,
 ) -> AsyncIterator[Leadership]:
     """Wait to become the leader of the database at `dsn`, then hold it while the body runs.
 
@@ -183,17 +231,31 @@ async def open_leadership(
     lock (closing the session), so the next standby takes over. `takes_queue` records that
     this leader runs submitted migrations (``lockstep serve``; ``lockstep apply`` runs only
     its own files), so an apply that finds it leading submits to it instead of waiting.
+    With `session`, the lock session is taken from it and, unless the leadership was lost,
+    kept open there after the lock is released (`LockSession`).
     """
     holder = holder or default_holder()
     conn: psycopg.Connection[Any] | None = None
+    reused = False
+    leadership: Leadership | None = None
     delay = poll_interval
     try:
         while True:
             try:
                 if conn is None:
-                    conn = await _connect_lock_session(dsn)
+                    if session is None:
+                        conn = await _connect_lock_session(dsn)
+                    else:
+                        conn, reused = await session.connection(dsn)
                 epoch = await _try_take(conn, holder, takes_queue)
             except psycopg.OperationalError as exc:
+                if reused:
+                    # The held session died while idle: that says nothing about the
+                    # database now; try a new session at once.
+                    assert session is not None
+                    await session.discard()
+                    conn, reused = None, False
+                    continue
                 # The database is a dependency that fails: wait for it, as a standby would.
                 log.warning(
                     "cannot reach the database to take the leader lock (%s); retrying in %.1f s",
@@ -203,6 +265,8 @@ async def open_leadership(
                 if conn is not None:
                     await _discard(conn)
                     conn = None
+                    if session is not None:
+                        session.conn = None
                 await trio.sleep(delay)
                 delay = min(delay * 2, 5.0)
                 continue
@@ -225,7 +289,11 @@ async def open_leadership(
         if leadership.lost_reason is not None:
             raise LeadershipLost(f"no longer the leader: {leadership.lost_reason}")
     finally:
-        if conn is not None:
+        if session is not None and leadership is not None and leadership.is_leader():
+            await session.release()
+        elif session is not None:
+            await session.discard()
+        elif conn is not None:
             await _discard(conn)
 
 
@@ -235,6 +303,7 @@ __all__ = [
     "Deposed",
     "Leadership",
     "LeadershipLost",
+    "LockSession",
     "default_holder",
     "open_leadership",
 ]

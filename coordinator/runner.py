@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import time
 from collections.abc import Sequence
 
@@ -48,6 +49,9 @@ from statemachine.sql import ExecutionGroup, Plan
 
 log = logging.getLogger("lockstep.coordinator")
 S = MigrationState
+
+#: How often, at most, the acks of a phase still collecting are written to its checkpoint.
+ACK_CHECKPOINT_INTERVAL = 0.5
 
 
 class MigrationRun:
@@ -95,6 +99,7 @@ class MigrationRun:
             else (history.journal(migration) if history is not None else None)
         )
         self._saved: Checkpoint | None = None
+        self._confirm_sent = False
         self.attempts: list[SqlAttempt] = []
         self.backfills: list[BackfillStats] = []
         #: Warnings known before the run (lint).
@@ -236,26 +241,41 @@ class MigrationRun:
                 self._apply_abort()
                 continue
             if state is S.EXECUTE:
-                self._notify_phase(Phase.EXECUTE)
+                self._report_phase(Phase.EXECUTE)
                 await self._run_sql(Phase.EXECUTE, self.plan.execute.groups, expand=True)
             elif state is S.CONTRACT:
                 await self._wait_out_leases(S.APPLY)
-                self._notify_phase(Phase.CONTRACT)
+                self._report_phase(Phase.CONTRACT)
                 await self._run_sql(Phase.CONTRACT, self.plan.contract.groups)
                 if self.abort_reason is not None and m.contracted:
                     m.warnings.append(
                         f"an abort was requested ({self.abort_reason}) while CONTRACT ran; "
                         "CONTRACT committed, so the migration went forward"
                     )
+            elif state is S.CONFIRM:
+                # Nothing is awaited here (`MigrationMachine.acks_awaited`): the run finishes
+                # now and the notice goes out once the result is recorded (`send_confirm`),
+                # so the last writes do not queue behind a fleet's worth of frames and acks.
+                m.finish()
             elif phase in ACKED_PHASES:
                 await self._collect_answers()
-                if state is S.CONFIRM:
-                    m.finish()
-                elif state is S.ROLLBACK:
+                if state is S.ROLLBACK:
                     await self._restore_schema()
             else:  # pragma: no cover - the FSM has no other non-terminal state
                 raise AssertionError(f"runner has no work for state {state}")
         await self.persist()
+
+    def send_confirm(self) -> None:
+        """Send CONFIRM to its cohort, once, if the run completed (the coordinator calls it
+        after recording the finish). Its answers still count, late (docs/state-machine.md)."""
+        if self.machine.state is S.COMPLETED and not self._confirm_sent:
+            self._confirm_sent = True
+            self._notify_phase(Phase.CONFIRM)
+
+    def mark_durable(self, checkpoint: Checkpoint) -> None:
+        """`checkpoint` was written by the caller (the start of the run): `persist` does
+        not write it again."""
+        self._saved = checkpoint
 
     async def persist(self) -> None:
         """Write the machine's checkpoint if it changed since the last write.
@@ -323,15 +343,28 @@ class MigrationRun:
             )
         )
 
-    def _notify_phase(self, phase: Phase, *, ack_required: bool = False) -> None:
+    def _report_phase(self, phase: Phase, *, ack_required: bool = False) -> frozenset[str]:
+        """Emit `PhaseStarted`; returns the phase's cohort.
+
+        EXECUTE and CONTRACT stop here: their notices used to go to every agent "for
+        information", but an agent does nothing with them (no hook, no answer; it accepts
+        APPLY and CONFIRM without them, docs/protocol.md), and at fleet scale the broadcast
+        cost more than the SQL. Agents still accept them, so older coordinators stay
+        compatible.
+        """
         cohort = self.machine.ledger.cohort if self.machine.ledger else frozenset()
         self.events.emit(
             PhaseStarted(self.migration.name, phase, tuple(sorted(cohort)), ack_required)
         )
-        frame = self._notice(phase, ack_required=ack_required)
-        # Acked phases go to their cohort; notices, and ROLLBACK (which must reach even the
-        # agents it does not wait for), go to everybody connected.
-        only = cohort if ack_required and phase is not Phase.ROLLBACK else None
+        return cohort
+
+    def _notify_phase(self, phase: Phase) -> None:
+        """Report an acked phase and send its notice."""
+        cohort = self._report_phase(phase, ack_required=True)
+        frame = self._notice(phase, ack_required=True)
+        # Acked phases go to their cohort; ROLLBACK (which must reach even the agents it
+        # does not wait for) goes to everybody connected.
+        only = cohort if phase is not Phase.ROLLBACK else None
         self.fleet.broadcast(frame, only=only)
 
     async def _collect_answers(self) -> None:
@@ -339,12 +372,25 @@ class MigrationRun:
         m = self.machine
         state = m.state
         assert state.phase is not None
-        self._notify_phase(state.phase, ack_required=True)
+        self._notify_phase(state.phase)
+        # Who acked so far is made durable (for `lockstep status`; resuming does not need
+        # it) at most every ACK_CHECKPOINT_INTERVAL: a checkpoint per wake-up, with the
+        # whole acked set in it, cost more than the acks themselves at fleet scale.
+        next_write = time.monotonic() + ACK_CHECKPOINT_INTERVAL
+        unsaved = False
         with trio.move_on_after(self.ack_timeout):
             while m.state is state and m.awaiting_acks and not self._abort_now():
                 self._changed = trio.Event()
-                await self._changed.wait()
-                await self.persist()  # who acked so far is durable (and visible to status)
+                with trio.move_on_at(next_write if unsaved else math.inf):
+                    await self._changed.wait()
+                if m.state is not state:
+                    break
+                if time.monotonic() >= next_write:
+                    await self.persist()
+                    next_write = time.monotonic() + ACK_CHECKPOINT_INTERVAL
+                    unsaved = False
+                else:
+                    unsaved = True
         if m.state is state and self._abort_now():
             self._apply_abort()
         elif m.state is state:

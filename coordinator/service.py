@@ -276,6 +276,7 @@ async def open_service(
                 yield service
             finally:
                 nursery.cancel_scope.cancel()
+                await coordinator.aclose()  # the lint catalog's held connection
 
 
 __all__ = ["STANDBY", "Service", "open_service"]

@@ -10,7 +10,7 @@ story:
     EXECUTE --sql_committed--> APPLY
     APPLY --cohort_acked [cohort_complete, contract_planned]--> CONTRACT
     APPLY --cohort_acked [cohort_complete, unless contract_planned]--> CONFIRM
-    CONTRACT --sql_committed--> CONFIRM --finish--> COMPLETED
+    CONTRACT --sql_committed--> CONFIRM --finish--> COMPLETED  (without waiting for acks)
     ANNOUNCE/APPLY --refused [cohort_failed] | timed_out [unless cohort_complete]--> ROLLBACK
     EXECUTE/CONTRACT --sql_failed--> ROLLBACK --finish--> FAILED
     ANNOUNCE/EXECUTE/APPLY/CONTRACT --cancel--> ROLLBACK   (the host cancelled the run)
@@ -302,6 +302,10 @@ class MigrationMachine:
     def _entered(self, event: EventData | None) -> None:
         self.history.append(StateRecord(self.state, self._clock()))
         phase = self.state.phase
+        if self.state is S.COMPLETED and self.ledger is not None:
+            # CONFIRM was not waited for (`acks_awaited`): its answers, which come after,
+            # are still recorded (for the events, metrics and the log), changing nothing.
+            return
         if self.ledger is not None:
             self.ledger.closed = True
         present = self.connected | self.departing
@@ -332,10 +336,22 @@ class MigrationMachine:
         return self.state.status
 
     @property
+    def acks_awaited(self) -> bool:
+        """Whether the current phase's answers are waited for at all.
+
+        Not in CONFIRM: its notice still asks every agent to ack (the `on_confirm` hook
+        runs), but no answer can change the outcome any more (a NACK, a loss or a silence
+        would only be a warning), so the migration completes as soon as the notice is sent
+        instead of holding the next migration for a full round of acks. Answers that come
+        later are stale to the machine and reach only the events and the log.
+        """
+        return self.state is not S.CONFIRM and not self.is_terminal
+
+    @property
     def awaiting_acks(self) -> bool:
         """The runner should wait for answers (or the deadline) before doing anything."""
         ledger = self.ledger
-        return ledger is not None and not ledger.closed and not ledger.settled
+        return ledger is not None and not ledger.closed and not ledger.settled and self.acks_awaited
 
     @property
     def needs_rollback_sql(self) -> bool:
@@ -392,7 +408,7 @@ class MigrationMachine:
             return self._lost(agent_id, "lease expired")
         if known:
             self.departed.add(agent_id)
-        if self.ledger is None:
+        if self.ledger is None or self.is_terminal:
             return AckOutcome.STALE
         outcome = self.ledger.record_departed(agent_id)
         if outcome is AckOutcome.RECORDED:
@@ -401,7 +417,7 @@ class MigrationMachine:
         return outcome
 
     def _lost(self, agent_id: str, how: str) -> AckOutcome:
-        if self.ledger is None:
+        if self.ledger is None or self.is_terminal:
             return AckOutcome.STALE
         outcome = self.ledger.record_lost(agent_id)
         if outcome is AckOutcome.RECORDED:
@@ -412,7 +428,7 @@ class MigrationMachine:
     def deadline_passed(self, timeout: float) -> bool:
         """The phase's ack deadline expired. Returns True if that changed the state."""
         ledger = self.ledger
-        if ledger is None or ledger.closed or ledger.complete:
+        if ledger is None or ledger.closed or ledger.complete or self.is_terminal:
             return False
         missing = ledger.missing()
         self.unresponsive.update(missing)

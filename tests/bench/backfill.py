@@ -29,8 +29,6 @@ import argparse
 import contextlib
 import dataclasses
 import math
-import os
-import platform
 import statistics
 import sys
 import time
@@ -48,8 +46,8 @@ from coordinator.cli import options
 from coordinator.cli.embedded import resolve_dsn
 from coordinator.events import Event
 from statemachine import Backfill, Migration, MigrationStatus
+from tests.bench import scaffold
 from tests.bench.apploop import QueryLoop
-from tests.bench.markdown import replace_section
 from tests.bench.markdown import table as markdown_table
 from tests.bench.report import Latency
 from tests.support.scratchdb import fresh_database
@@ -143,14 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=Backfill("t", "x").target_seconds,
         help="the adaptive mode's target time per batch (the default of Backfill)",
     )
-    p.add_argument("--dsn", help="PostgreSQL server to use (default: $LOCKSTEP_DSN or embedded)")
-    p.add_argument(
-        "--out",
-        type=Path,
-        default=DEFAULT_OUT,
-        help=f"markdown file whose backfill section is rewritten (default {DEFAULT_OUT})",
-    )
-    p.add_argument("--no-write", action="store_true", help="print the markdown, write nothing")
+    scaffold.add_output_options(p, DEFAULT_OUT, "backfill")
     return p
 
 
@@ -383,42 +374,28 @@ def markdown(rows: Sequence[ModeRow], header: Sequence[str]) -> str:
 
 def write_section(path: Path, section: str) -> None:
     """Replace the text between the backfill markers; append the section if there is none."""
-    replace_section(path, section, begin=BEGIN_MARK, end=END_MARK, title=SECTION_TITLE)
-
-
-def _server_version(dsn: str) -> str:
-    with psycopg.connect(dsn) as conn:
-        row = conn.execute("SHOW server_version").fetchone()
-    return str(row[0]) if row else "?"
-
-
-def _header(args: argparse.Namespace, server: str, seconds: float) -> list[str]:
-    extra = " ".join(sys.argv[1:]) if __name__ == "__main__" else ""
-    command = f"make bench-backfill ARGS='{extra}'" if extra else "make bench-backfill"
-    return [
-        f"Measured with `{command}` ({args.rows:,} rows, {args.instances} application loops"
-        f" with a {args.pause * 1000:g} ms pause, PostgreSQL {_server_version(server)},"
-        f" {os.cpu_count()} CPUs, {platform.system()} {platform.machine()},"
-        f" {seconds:.0f} s in total)."
-    ]
+    scaffold.write_section(path, section, BEGIN_MARK, END_MARK, SECTION_TITLE)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    console = Console() if sys.stdout.isatty() else Console(width=200)
+    console = scaffold.console()
     started = time.monotonic()
     with resolve_dsn(args.dsn) as server:
         rows = trio.run(_bench, server, args, console)
-        header = _header(args, server, time.monotonic() - started)
+        header = scaffold.header(
+            "bench-backfill",
+            argv,
+            server,
+            time.monotonic() - started,
+            f"{args.rows:,} rows, {args.instances} application loops with a"
+            f" {args.pause * 1000:g} ms pause",
+        )
     console.print(table(rows))
     for line in ratios(rows):
         console.print(line)
     text = markdown(rows, header)
-    if args.no_write:
-        console.print(text, markup=False, highlight=False, soft_wrap=True)
-    else:
-        write_section(args.out, text)
-        console.print(f"wrote the backfill section of {args.out}")
+    scaffold.publish(args, console, text, write_section, "backfill")
     failed = [r for r in rows if not r.ok]
     for row in failed:
         why = row.error or f"{row.failed} application queries failed"

@@ -1,45 +1,55 @@
-"""`make bench-fleet`: how the coordinator's cost grows with the number of agents.
+"""`make bench-fleet`: the coordinator's cost at fleet scale, against a raw baseline.
 
-    python -m tests.bench.fleet [--agents 10,100,1000] [--repeat 3] [--dsn URI] [--out FILE]
+    python -m tests.bench.fleet [--agents 100,1000] [--repeat 3] [--workers 2] [--idle 10]
+                                [--heartbeat 30] [--dsn URI] [--out FILE] [--no-write]
 
-The design claims a broadcast encodes its frame once, recording an ack is O(1) and nothing
-polls, so the time an acked phase takes should grow linearly with the fleet: its cost *per
-agent* should stay flat. For each fleet size, in a fresh database: one coordinator, N real
-agents over loopback WebSockets in this same trio process, then --repeat trivial additive
-migrations. The exit status is 1 if a migration did not complete, or if the per-agent time of
-ANNOUNCE+APPLY at the largest size is more than 4x that at the middle size (a ratio, so a slow
-or loaded machine does not fail it; the smallest sizes are not the reference because fixed
-costs dominate them).
+For each fleet size N, in a fresh database: one coordinator in this process (so its CPU is
+this process's `time.process_time()`), the raw baseline server in a process of its own, and
+`--workers` agent processes holding N real agents on each (`tests.bench.fleet_procs`).
+Then `--repeat` pairs, alternated (lockstep first, then raw first, ...): one trivial
+additive migration through lockstep, and the same rounds on the raw server (ANNOUNCE and
+APPLY broadcast and collected, CONFIRM sent). Reported per size, as medians: the
+migration's and the raw rounds' wall time and their ratio, per-phase times, the
+coordinator's CPU and GC time per migration (`gc.callbacks`), the transport floor (the raw
+server's CPU for its direct sends and the receives of the two acked rounds: what moving
+the frames costs at least), agents lost, idle CPU (over `--idle` seconds with the fleet
+connected) and memory per agent (this process's RSS growth while the fleet connects / N).
+
+It is a benchmark, not a test: nothing is asserted on times. The exit status is 1 if a
+migration did not complete, an agent was lost, or the per-agent time of ANNOUNCE+APPLY at the
+largest size is more than 4x that at the middle size (a ratio: a loaded machine does not
+fail it).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
-import platform
+import json
 import statistics
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import trio
 from rich.console import Console
 from rich.table import Table
 
-from agent import open_agent
 from coordinator import open_coordinator
 from coordinator.admission import ConnectionLimits
 from coordinator.cli import options
 from coordinator.cli.embedded import resolve_dsn
+from coordinator.events import AgentLeft, AnswerReceived, Event
 from statemachine import Migration, MigrationStatus, Phase
-from tests.bench.markdown import replace_section
+from tests.bench import scaffold
 from tests.bench.markdown import table as markdown_table
 from tests.support.scratchdb import fresh_database
 
-DEFAULT_OUT = Path(__file__).resolve().parents[2] / "docs" / "benchmarks.md"
+ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_OUT = ROOT / "docs" / "benchmarks.md"
 BEGIN_MARK = "<!-- bench-fleet:begin -->"
 END_MARK = "<!-- bench-fleet:end -->"
 SECTION_TITLE = "## Fleet scale"
@@ -47,12 +57,13 @@ SECTION_TITLE = "## Fleet scale"
 ACKED_PHASES = (Phase.ANNOUNCE, Phase.APPLY)
 #: Largest allowed growth of ANNOUNCE+APPLY time per agent, largest size vs the reference size.
 MAX_GROWTH = 4.0
-CONNECT_TIMEOUT = 120.0
+CONNECT_TIMEOUT = 600.0
+ACK_TIMEOUT = 120.0
 
 
 @dataclasses.dataclass(frozen=True)
 class FleetRow:
-    """Means over the migrations run at one fleet size (times in seconds)."""
+    """Medians over the pairs run at one fleet size (times in seconds)."""
 
     agents: int
     connect_s: float
@@ -62,14 +73,23 @@ class FleetRow:
     phase_s: dict[str, float]
     acked_s: float
     cpu_s_per_migration: float
+    raw_s: float = float("nan")
+    raw_phase_s: dict[str, float] = dataclasses.field(default_factory=dict)
+    floor_s: float = float("nan")
+    send_us: float = float("nan")
+    receive_us: float = float("nan")
+    gc_s_per_migration: float = float("nan")
+    lost: int = 0
+    idle_cpu: float = float("nan")
+    rss_kib_per_agent: float = float("nan")
 
     @property
     def ok(self) -> bool:
-        return self.completed == self.attempted
+        return self.completed == self.attempted and self.lost == 0
 
     @property
     def acks(self) -> int:
-        """Acks one migration collects: every agent, once per acked phase."""
+        """Acks one migration waits for: every agent, once per acked phase."""
         return self.agents * len(ACKED_PHASES)
 
     @property
@@ -84,13 +104,23 @@ class FleetRow:
     def cpu_us_per_ack(self) -> float:
         return self.cpu_s_per_migration * 1e6 / self.acks
 
+    @property
+    def ratio(self) -> float:
+        """Lockstep's migration over the raw rounds (wall time): 1.0 = no overhead."""
+        return self.migration_s / self.raw_s
+
+    @property
+    def floor_ratio(self) -> float:
+        """The coordinator's CPU per migration over the transport floor."""
+        return self.cpu_s_per_migration / self.floor_s
+
 
 def _sizes(text: str) -> list[int]:
     try:
         sizes = sorted({int(part) for part in text.split(",") if part.strip()})
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"expected comma-separated agent counts like 10,100,1000, got {text!r}"
+            f"expected comma-separated agent counts like 100,1000, got {text!r}"
         ) from None
     if not sizes or sizes[0] <= 0:
         raise argparse.ArgumentTypeError(f"agent counts must be > 0, got {text!r}")
@@ -98,96 +128,254 @@ def _sizes(text: str) -> list[int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m tests.bench.fleet",
-        description=__doc__.split("\n\n")[0] if __doc__ else None,
-    )
+    p = scaffold.parser("python -m tests.bench.fleet", __doc__, DEFAULT_OUT, "fleet")
     p.add_argument(
         "--agents",
         type=_sizes,
-        default=_sizes("10,100,1000"),
-        help="fleet sizes, comma-separated (default 10,100,1000)",
+        default=_sizes("100,1000"),
+        help="fleet sizes, comma-separated (default 100,1000; 5000 and 10000 take minutes)",
     )
     p.add_argument(
-        "--repeat", type=options.at_least_one, default=3, help="migrations per fleet size (3)"
+        "--repeat", type=options.at_least_one, default=3, help="pairs per fleet size (3)"
     )
-    p.add_argument("--dsn", help="PostgreSQL server to use (default: $LOCKSTEP_DSN or embedded)")
+    p.add_argument("--workers", type=options.at_least_one, default=2, help="agent processes (2)")
     p.add_argument(
-        "--out",
-        type=Path,
-        default=DEFAULT_OUT,
-        help=f"markdown file whose fleet section is rewritten (default {DEFAULT_OUT})",
+        "--idle",
+        type=float,
+        default=10.0,
+        help="seconds of idle fleet over which idle CPU is measured (10; 0 skips it)",
     )
-    p.add_argument("--no-write", action="store_true", help="print the markdown, write nothing")
+    p.add_argument(
+        "--heartbeat",
+        type=float,
+        default=30.0,
+        help="the coordinator's heartbeat interval in seconds (30)",
+    )
     return p
 
 
-async def _hold_agent(url: str, agent_id: str, stop: trio.Event) -> None:
-    """One application instance: connected, answering phases, until `stop` is set."""
-    async with open_agent(url, agent_id=agent_id, connect_timeout=CONNECT_TIMEOUT):
-        await stop.wait()
+# ------------------------------------------------------------------ processes
+class _Child:
+    """A helper process spoken to in JSON lines over its stdin and stdout."""
+
+    def __init__(self, process: trio.Process) -> None:
+        self.process = process
+        self._buffer = b""
+
+    @classmethod
+    async def start(cls, *args: str) -> _Child:
+        process = await trio.lowlevel.open_process(
+            [sys.executable, "-m", "tests.bench.fleet_procs", *args],
+            stdin=-1,  # subprocess.PIPE
+            stdout=-1,
+            cwd=ROOT,
+        )
+        return cls(process)
+
+    async def send(self, data: dict[str, Any]) -> None:
+        assert self.process.stdin is not None
+        await self.process.stdin.send_all(json.dumps(data).encode() + b"\n")
+
+    async def read(self) -> dict[str, Any]:
+        assert self.process.stdout is not None
+        while b"\n" not in self._buffer:
+            chunk = await self.process.stdout.receive_some(65536)
+            if not chunk:
+                raise RuntimeError(f"bench process {self.process.args!r} ended")
+            self._buffer += chunk
+        line, self._buffer = self._buffer.split(b"\n", 1)
+        result: dict[str, Any] = json.loads(line)
+        return result
+
+    async def ask(self, data: dict[str, Any]) -> dict[str, Any]:
+        await self.send(data)
+        return await self.read()
+
+    async def stop(self) -> None:
+        with trio.CancelScope(shield=True):
+            if self.process.stdin is not None:
+                await self.process.stdin.aclose()
+            with trio.move_on_after(30):
+                await self.process.wait()
+            if self.process.returncode is None:
+                self.process.kill()
+                await self.process.wait()
 
 
-async def _measure(dsn: str, agents: int, repeat: int, console: Console) -> FleetRow:
+def rss_kib() -> float:
+    """This process's resident memory now (Linux /proc; elsewhere the peak, from rusage)."""
+    try:
+        with open("/proc/self/statm") as statm:
+            pages = int(statm.read().split()[1])
+        import resource
+
+        return pages * resource.getpagesize() / 1024
+    except OSError:
+        import resource
+
+        return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+
+
+def _split(total: int, parts: int) -> list[int]:
+    return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
+
+
+# ------------------------------------------------------------------ one size
+@dataclasses.dataclass
+class _Samples:
+    lockstep_s: list[float] = dataclasses.field(default_factory=list)
+    acked_s: list[float] = dataclasses.field(default_factory=list)
+    phases: dict[str, list[float]] = dataclasses.field(default_factory=dict)
+    cpu_s: list[float] = dataclasses.field(default_factory=list)
+    gc_s: list[float] = dataclasses.field(default_factory=list)
+    raw_s: list[float] = dataclasses.field(default_factory=list)
+    raw_phases: dict[str, list[float]] = dataclasses.field(default_factory=dict)
+    floor_s: list[float] = dataclasses.field(default_factory=list)
+    send_s: list[float] = dataclasses.field(default_factory=list)
+    completed: int = 0
+
+
+def _median(values: Sequence[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+async def _measure(dsn: str, agents: int, args: argparse.Namespace, console: Console) -> FleetRow:
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("CREATE TABLE fleet_bench (id bigint PRIMARY KEY)")
-    durations: list[float] = []
-    acked: list[float] = []
-    cpu: list[float] = []
-    phases: dict[str, list[float]] = {}
-    completed = 0
     # Every benchmark agent connects from 127.0.0.1 at once: lift the per-address cap on
     # handshakes in progress that protects a real coordinator from floods.
     limits = ConnectionLimits(max_pending=100_000, max_pending_per_address=100_000)
+    left: list[str] = []
+
+    def watch(event: Event) -> None:
+        if isinstance(event, AgentLeft):
+            left.append(event.agent_id)
+
+    samples = _Samples()
     async with open_coordinator(
-        dsn, port=0, ack_timeout=60, heartbeat_interval=30, limits=limits
+        dsn,
+        port=0,
+        ack_timeout=ACK_TIMEOUT,
+        heartbeat_interval=args.heartbeat,
+        limits=limits,
     ) as coord:
-        stop = trio.Event()
-        async with trio.open_nursery() as nursery:
+        coord.subscribe(watch)
+        raw = await _Child.start("raw")
+        workers: list[_Child] = []
+        try:
+            raw_url = (await raw.read())["url"]
+            rss_before = rss_kib()
             started = time.perf_counter()
-            for i in range(agents):
-                nursery.start_soon(_hold_agent, coord.url, f"agent-{i}", stop)
-            await coord.wait_for_agents(agents, timeout=CONNECT_TIMEOUT)
-            connect_s = time.perf_counter() - started
-            for i in range(repeat):
-                migration = Migration(
-                    f"fleet_add_c{i}", [f"ALTER TABLE fleet_bench ADD COLUMN c{i} int"]
+            for index, count in enumerate(_split(agents, args.workers)):
+                worker = await _Child.start(
+                    "agents",
+                    "--coordinator",
+                    coord.url,
+                    "--raw",
+                    raw_url,
+                    "--count",
+                    str(count),
+                    "--prefix",
+                    f"w{index}-",
                 )
-                cpu_before = time.process_time()
-                t0 = time.perf_counter()
-                result = await coord.run_migration(migration)
-                durations.append(time.perf_counter() - t0)
-                cpu.append(time.process_time() - cpu_before)
-                if result.status is MigrationStatus.COMPLETED:
-                    completed += 1
-                else:
-                    console.print(f"  [red]{migration.name}: {result.reason}[/]")
-                for record in result.phases:
-                    phases.setdefault(record.phase.name, []).append(record.duration)
-                acked.append(sum(r.duration for r in result.phases if r.phase in ACKED_PHASES))
-            stop.set()
+                workers.append(worker)
+            await coord.wait_for_agents(agents, timeout=CONNECT_TIMEOUT)
+            await raw.ask({"wait": agents, "timeout": CONNECT_TIMEOUT})
+            connect_s = time.perf_counter() - started
+            rss_per_agent = (rss_kib() - rss_before) / agents
+            idle_cpu = float("nan")
+            if args.idle > 0:
+                cpu = time.process_time()
+                await trio.sleep(args.idle)
+                idle_cpu = (time.process_time() - cpu) / args.idle
+            lost_before = len(left)
+            for i in range(args.repeat):
+                steps = (_lockstep_once, _raw_once) if i % 2 == 0 else (_raw_once, _lockstep_once)
+                for step in steps:
+                    await step(coord, raw, i, samples, console)
+            lost = len(left) - lost_before
+        finally:
+            for child in (*workers, raw):
+                await child.stop()
     return FleetRow(
         agents=agents,
         connect_s=connect_s,
-        completed=completed,
-        attempted=repeat,
-        migration_s=statistics.fmean(durations),
-        phase_s={name: statistics.fmean(values) for name, values in phases.items()},
-        acked_s=statistics.fmean(acked),
-        cpu_s_per_migration=statistics.fmean(cpu),
+        completed=samples.completed,
+        attempted=args.repeat,
+        migration_s=_median(samples.lockstep_s),
+        phase_s={name: _median(values) for name, values in samples.phases.items()},
+        acked_s=_median(samples.acked_s),
+        cpu_s_per_migration=_median(samples.cpu_s),
+        raw_s=_median(samples.raw_s),
+        raw_phase_s={name: _median(values) for name, values in samples.raw_phases.items()},
+        floor_s=_median(samples.floor_s),
+        send_us=_median(samples.send_s) * 1e6 / (agents * 3),
+        receive_us=_median([f - s for f, s in zip(samples.floor_s, samples.send_s, strict=True)])
+        * 1e6
+        / (agents * 3),
+        gc_s_per_migration=_median(samples.gc_s),
+        lost=lost,
+        idle_cpu=idle_cpu,
+        rss_kib_per_agent=rss_per_agent,
     )
 
 
-async def _bench(server: str, sizes: list[int], repeat: int, console: Console) -> list[FleetRow]:
+async def _lockstep_once(
+    coord: Any, raw: _Child, i: int, samples: _Samples, console: Console
+) -> None:
+    migration = Migration(f"fleet_add_c{i}", [f"ALTER TABLE fleet_bench ADD COLUMN c{i} int"])
+    confirmed: set[str] = set()
+
+    def count(event: Event) -> None:
+        if (
+            isinstance(event, AnswerReceived)
+            and event.migration == migration.name
+            and event.phase is Phase.CONFIRM
+        ):
+            confirmed.add(event.agent_id)
+
+    unsubscribe = coord.subscribe(count)
+    with scaffold.GcClock() as clock:
+        cpu = time.process_time()
+        t0 = time.perf_counter()
+        result = await coord.run_migration(migration)
+        samples.lockstep_s.append(time.perf_counter() - t0)
+        # CONFIRM is not waited for: its acks arrive after the result. Their cost is the
+        # migration's all the same (CPU, GC), and the next step must not run beside them.
+        with trio.move_on_after(ACK_TIMEOUT):
+            while len(confirmed) < len(coord.agents):
+                await trio.sleep(0.005)
+        samples.cpu_s.append(time.process_time() - cpu)
+    unsubscribe()
+    samples.gc_s.append(clock.total)
+    if result.status is MigrationStatus.COMPLETED:
+        samples.completed += 1
+    else:
+        console.print(f"  [red]{migration.name}: {result.reason}[/]")
+    for record in result.phases:
+        samples.phases.setdefault(record.phase.name, []).append(record.duration)
+    samples.acked_s.append(sum(r.duration for r in result.phases if r.phase in ACKED_PHASES))
+
+
+async def _raw_once(coord: Any, raw: _Child, i: int, samples: _Samples, console: Console) -> None:
+    answer = await raw.ask({"round": f"raw_{i}"})
+    samples.raw_s.append(answer["total_s"])
+    samples.floor_s.append(answer["cpu_s"])
+    samples.send_s.append(answer["send_cpu_s"])
+    for phase in ACKED_PHASES:
+        samples.raw_phases.setdefault(phase.name, []).append(answer[phase.name])
+
+
+async def _bench(server: str, args: argparse.Namespace, console: Console) -> list[FleetRow]:
     rows = []
-    for agents in sizes:
-        console.print(f"[bold]{agents} agents[/], {repeat} migrations")
+    for agents in args.agents:
+        console.print(f"[bold]{agents} agents[/], {args.repeat} pairs")
         with fresh_database(server, "lockstep_bench_fleet") as dsn:
-            row = await _measure(dsn, agents, repeat, console)
+            row = await _measure(dsn, agents, args, console)
         console.print(
-            f"  connected in {row.connect_s:.2f} s; ANNOUNCE+APPLY {row.acked_s * 1000:.1f} ms"
-            f" ({row.acked_ms_per_agent:.3f} ms per agent), {row.completed}/{row.attempted}"
-            " completed"
+            f"  connected in {row.connect_s:.2f} s; migration {row.migration_s * 1000:.1f} ms,"
+            f" raw {row.raw_s * 1000:.1f} ms ({row.ratio:.2f}x);"
+            f" {row.completed}/{row.attempted} completed, {row.lost} lost"
         )
         rows.append(row)
     return rows
@@ -203,43 +391,64 @@ def growth(rows: Sequence[FleetRow]) -> float:
     return rows[-1].acked_ms_per_agent / reference_row(rows).acked_ms_per_agent
 
 
+# ------------------------------------------------------------------ report
 _HEADERS = [
     "agents",
     "connect s",
     "completed",
-    "migration ms",
-    "ANNOUNCE ms",
+    "lockstep ms",
+    "raw ms",
+    "ratio",
+    "ANNOUNCE ms (raw)",
     "EXECUTE ms",
-    "APPLY ms",
+    "APPLY ms (raw)",
     "CONFIRM ms",
-    "ANNOUNCE+APPLY ms per agent",
-    "acks/s",
-    "CPU µs per ack",
+    "CPU ms per migration",
+    "floor ms",
+    "CPU / floor",
+    "GC ms",
+    "lost",
+    "idle CPU %",
+    "KiB per agent",
 ]
 
 
+def _ms(value: float | None) -> str:
+    if value is None or value != value:  # NaN
+        return "-"
+    return f"{value * 1000:.1f}" if value < 10 else f"{value * 1000:,.0f}"
+
+
 def _cells(row: FleetRow) -> list[str]:
-    def ms(phase: Phase) -> str:
-        value = row.phase_s.get(phase.name)
-        return "-" if value is None else f"{value * 1000:.1f}"
+    def phase(p: Phase, raw: bool = False) -> str:
+        text = _ms(row.phase_s.get(p.name))
+        if raw:
+            text += f" ({_ms(row.raw_phase_s.get(p.name))})"
+        return text
 
     return [
         str(row.agents),
         f"{row.connect_s:.2f}",
         f"{row.completed}/{row.attempted}",
-        f"{row.migration_s * 1000:.1f}",
-        ms(Phase.ANNOUNCE),
-        ms(Phase.EXECUTE),
-        ms(Phase.APPLY),
-        ms(Phase.CONFIRM),
-        f"{row.acked_ms_per_agent:.3f}",
-        f"{row.acks_per_s:,.0f}",
-        f"{row.cpu_us_per_ack:.0f}",
+        _ms(row.migration_s),
+        _ms(row.raw_s),
+        f"{row.ratio:.2f}",
+        phase(Phase.ANNOUNCE, raw=True),
+        phase(Phase.EXECUTE),
+        phase(Phase.APPLY, raw=True),
+        phase(Phase.CONFIRM),
+        _ms(row.cpu_s_per_migration),
+        _ms(row.floor_s),
+        f"{row.floor_ratio:.2f}",
+        _ms(row.gc_s_per_migration),
+        str(row.lost),
+        "-" if row.idle_cpu != row.idle_cpu else f"{row.idle_cpu * 100:.2f}",
+        f"{row.rss_kib_per_agent:.1f}",
     ]
 
 
 def table(rows: Sequence[FleetRow]) -> Table:
-    out = Table(title="Fleet scale (means per migration)")
+    out = Table(title="Fleet scale (medians per migration)")
     for header in _HEADERS:
         out.add_column(header, justify="right")
     for row in rows:
@@ -247,72 +456,65 @@ def table(rows: Sequence[FleetRow]) -> Table:
     return out
 
 
+def floor_lines(rows: Sequence[FleetRow]) -> list[str]:
+    """The transport floor per size, as a sentence each."""
+    return [
+        f"- {r.agents} agents: a direct send costs {r.send_us:.0f} µs of CPU per frame, a"
+        f" receive {r.receive_us:.0f} µs; lockstep {_ms(r.migration_s)} ms vs floor"
+        f" {_ms(r.floor_s)} ms ({r.migration_s / r.floor_s:.2f}x wall over floor CPU)."
+        for r in rows
+    ]
+
+
 def markdown(rows: Sequence[FleetRow], header: Sequence[str]) -> str:
     """The measured part of the fleet section (without the markers)."""
-
     lines = markdown_table(_HEADERS, [_cells(r) for r in rows])
-    return "\n".join([*header, "", *lines, ""])
+    return "\n".join([*header, "", *lines, "", *floor_lines(rows), ""])
 
 
 def write_section(path: Path, section: str) -> None:
     """Replace the text between the fleet markers; append a "## Fleet scale" section if none."""
-    replace_section(path, section, begin=BEGIN_MARK, end=END_MARK, title=SECTION_TITLE)
-
-
-def _server_version(dsn: str) -> str:
-    with psycopg.connect(dsn) as conn:
-        row = conn.execute("SHOW server_version").fetchone()
-    return str(row[0]) if row else "?"
-
-
-def _header(args: argparse.Namespace, server: str, seconds: float) -> list[str]:
-    extra = " ".join(sys.argv[1:]) if __name__ == "__main__" else ""
-    command = f"make bench-fleet ARGS='{extra}'" if extra else "make bench-fleet"
-    return [
-        f"Measured with `{command}` ({args.repeat} migrations per size, agents and coordinator"
-        f" in one process, PostgreSQL {_server_version(server)}, {os.cpu_count()} CPUs,"
-        f" {platform.system()} {platform.machine()}, {seconds:.0f} s in total)."
-    ]
+    scaffold.write_section(path, section, BEGIN_MARK, END_MARK, SECTION_TITLE)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    console = Console() if sys.stdout.isatty() else Console(width=200)
+    console = scaffold.console()
     started = time.monotonic()
     with resolve_dsn(args.dsn) as server:
         try:
-            rows = trio.run(_bench, server, args.agents, args.repeat, console)
+            rows = trio.run(_bench, server, args, console)
         except trio.TooSlowError:
             console.print(
                 f"[bold red]the fleet did not connect within {CONNECT_TIMEOUT:g} s[/]"
                 " (try smaller --agents)"
             )
             return 1
-        header = _header(args, server, time.monotonic() - started)
+        header = scaffold.header(
+            "bench-fleet",
+            argv,
+            server,
+            time.monotonic() - started,
+            f"{args.repeat} pairs per size, {args.workers} agent processes,"
+            f" heartbeat {args.heartbeat:g} s",
+        )
     console.print(table(rows))
+    for line in floor_lines(rows):
+        console.print(line)
+    lines = [*header, ""]
     ratio = growth(rows)
-    reference = reference_row(rows)
-    console.print(
-        f"ANNOUNCE+APPLY per agent: {rows[-1].agents} agents / {reference.agents} agents ="
-        f" {ratio:.2f}x (limit {MAX_GROWTH:g}x)"
-    )
-    text = markdown(
-        rows,
-        [
-            *header,
-            "",
+    if len(rows) > 1:
+        reference = reference_row(rows)
+        sentence = (
             f"Per-agent ANNOUNCE+APPLY time, {rows[-1].agents} agents vs {reference.agents}:"
-            f" {ratio:.2f}x (the check fails above {MAX_GROWTH:g}x).",
-        ],
-    )
-    if args.no_write:
-        console.print(text, markup=False, highlight=False, soft_wrap=True)
-    else:
-        write_section(args.out, text)
-        console.print(f"wrote the fleet section of {args.out}")
+            f" {ratio:.2f}x (the check fails above {MAX_GROWTH:g}x)."
+        )
+        console.print(sentence)
+        lines.append(sentence)
+    scaffold.publish(args, console, markdown(rows, lines), write_section, "fleet")
     status = 0
     if not all(row.ok for row in rows):
-        console.print("[bold red]a migration did not complete[/]")
+        console.print("[bold red]a migration did not complete, or an agent was lost[/]")
         status = 1
     if ratio > MAX_GROWTH:
         console.print(f"[bold red]per-agent cost grew {ratio:.2f}x, more than {MAX_GROWTH:g}x[/]")

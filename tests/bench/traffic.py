@@ -16,14 +16,11 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
-import os
-import platform
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import psycopg
 import trio
 from rich.console import Console
 from rich.logging import RichHandler
@@ -31,7 +28,7 @@ from rich.logging import RichHandler
 from coordinator.cli import options
 from coordinator.cli.embedded import resolve_dsn
 from coordinator.pg.attempts import RetryPolicy
-from tests.bench import harness, heldlock, recipes
+from tests.bench import harness, heldlock, recipes, scaffold
 from tests.bench.report import (
     HoldRow,
     RecipeRow,
@@ -52,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m tests.bench.traffic",
         description=__doc__.split("\n\n")[0] if __doc__ else None,
     )
-    p.add_argument("--dsn", help="PostgreSQL server to use (default: $LOCKSTEP_DSN or embedded)")
+    scaffold.add_output_options(p, DEFAULT_OUT, "traffic")
     p.add_argument("--agents", type=options.at_least_one, default=8, help="instances (default 8)")
     p.add_argument(
         "--hold", type=options.positive, default=10.0, help="seconds the lock is held (10)"
@@ -92,13 +89,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-direct", action="store_true", help="do not run without lockstep")
     p.add_argument("--skip-hold", action="store_true", help="skip the held-lock scenario")
     p.add_argument(
-        "--out",
-        type=Path,
-        default=DEFAULT_OUT,
-        help="markdown file whose benchmark section is replaced (default docs/benchmarks.md)",
-    )
-    p.add_argument("--no-write", action="store_true", help="print the markdown, write nothing")
-    p.add_argument(
         "--rows",
         type=options.at_least_one,
         help="run only the large-table scenario (FK + NOT NULL via CHECK) on this many rows;"
@@ -115,12 +105,6 @@ def _selected(text: str) -> list[recipes.Recipe]:
         return [recipes.get(key.strip()) for key in text.split(",") if key.strip()]
     except KeyError as exc:
         raise SystemExit(f"error: {exc.args[0]}") from None
-
-
-def _server_version(dsn: str) -> str:
-    with psycopg.connect(dsn) as conn:
-        row = conn.execute("SHOW server_version").fetchone()
-    return str(row[0]) if row else "?"
 
 
 async def _bench(
@@ -190,26 +174,9 @@ async def _bench(
     return rows, holds
 
 
-def _command() -> str:
-    args = " ".join(sys.argv[1:])
-    return f"make bench-traffic ARGS='{args}'" if args else "make bench-traffic"
-
-
-def _header(args: argparse.Namespace, server: str, seconds: float) -> list[str]:
-    return [
-        f"Measured with `{_command()}`"
-        f" ({args.agents} agents, lock_timeout {args.lock_timeout:g} s,"
-        f" lock held {args.hold:g} s, PostgreSQL {_server_version(server)},"
-        f" {os.cpu_count()} CPUs, {platform.system()} {platform.machine()},"
-        f" {seconds:.0f} s in total).",
-    ]
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    # Piped into a CI log there is no terminal width: wrap the wide tables at 200 columns,
-    # not rich's 80, so they stay readable.
-    console = Console() if sys.stdout.isatty() else Console(width=200)
+    console = scaffold.console()
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.ERROR,
         format="%(message)s",
@@ -221,7 +188,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.monotonic()
     with resolve_dsn(args.dsn) as server:
         rows, holds = trio.run(_bench, server, args, selected, console)
-        header = _header(args, server, time.monotonic() - started)
+        header = scaffold.header(
+            "bench-traffic",
+            argv,
+            server,
+            time.monotonic() - started,
+            f"{args.agents} agents, lock_timeout {args.lock_timeout:g} s,"
+            f" lock held {args.hold:g} s",
+        )
     if rows:
         console.print(recipe_table(rows))
     if holds:
@@ -235,11 +209,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     f" target lock_timeout + 100 ms = {target:.0f} ms"
                 )
     text = markdown(rows, holds, header=header)
-    if args.no_write:
-        console.print(text, markup=False, highlight=False, soft_wrap=True)
-    else:
-        write_section(args.out, text)
-        console.print(f"wrote the benchmark section of {args.out}")
+    scaffold.publish(args, console, text, write_section, "traffic")
     bad = [r.title for r in rows if not r.ok] + [
         h.mode for h in holds if h.mode.startswith("lockstep") and h.failed
     ]

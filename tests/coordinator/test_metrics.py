@@ -112,7 +112,10 @@ async def test_metrics_follow_a_migration_from_start_to_end(dsn: str) -> None:
             nursery.cancel_scope.cancel()
         assert result == [MigrationStatus.COMPLETED]
 
-        after = await scrape(http.port)
+        # CONFIRM is not waited for: its acks are counted as they come, after the result.
+        after = await scrape_until(
+            http, lambda s: value(s, "lockstep_acks_total", phase="confirm") == 2
+        )
     assert value(after, "lockstep_migration_in_flight") == 0
     assert value(after, "lockstep_migration_phase", **labels("apply")) is None
     for phase in ("announce", "apply", "confirm"):

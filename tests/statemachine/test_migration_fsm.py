@@ -286,6 +286,11 @@ def test_terminal_states_absorb_every_input(build: Callable[[], MigrationMachine
     m = build()
     final, failure, history = m.state, m.failure, list(m.history)
     for phase in Phase:
+        if m.state is S.COMPLETED and phase is Phase.CONFIRM:
+            # CONFIRM was not waited for: its late answers are still recorded, once.
+            assert m.receive_ack("a", MID, phase) is AckOutcome.RECORDED
+            assert m.receive_nack("a", MID, phase, "late") is AckOutcome.DUPLICATE
+            continue
         assert m.receive_ack("a", MID, phase) is AckOutcome.STALE
         assert m.receive_nack("a", MID, phase, "late") is AckOutcome.STALE
     assert m.agent_disconnected("a") is AckOutcome.STALE
@@ -373,6 +378,39 @@ def test_problems_in_confirm_are_warnings_not_rollbacks() -> None:
         "agent b disconnected in CONFIRM before acking",
         "CONFIRM: agent(s) c did not ack (no ack within 3 s)",
     ]
+
+
+def test_confirm_acks_are_not_waited_for() -> None:
+    m = _machine("a", "b")
+    m.start()
+    assert m.acks_awaited and m.awaiting_acks, "ANNOUNCE waits for its cohort"
+    _ack_all(m, Phase.ANNOUNCE, "a", "b")
+    m.sql_committed()
+    assert m.acks_awaited and m.awaiting_acks, "APPLY waits for its cohort"
+    _ack_all(m, Phase.APPLY, "a", "b")
+    assert m.state is S.CONFIRM
+    assert m.ledger is not None and not m.ledger.settled
+    assert not m.acks_awaited, "no CONFIRM answer can change the outcome: nothing to wait for"
+    assert not m.awaiting_acks
+    m.finish()
+    assert m.state is S.COMPLETED
+    assert not m.acks_awaited and not m.awaiting_acks
+    assert m.receive_ack("a", MID, Phase.CONFIRM) is AckOutcome.RECORDED, "late, still counted"
+    assert m.receive_ack("a", MID, Phase.CONFIRM) is AckOutcome.DUPLICATE
+    assert m.receive_ack("b", MID, Phase.APPLY) is AckOutcome.STALE
+    assert m.state is S.COMPLETED
+    assert m.warnings == []
+    m.receive_nack("b", MID, Phase.CONFIRM, "cache flush failed")
+    assert m.state is S.COMPLETED, "a late NACK is only a warning"
+    assert m.warnings == ["nack in CONFIRM from agent b: cache flush failed"]
+
+
+def test_rollback_acks_are_still_waited_for() -> None:
+    m = _machine("a", "b")
+    m.start()
+    m.receive_nack("a", MID, Phase.ANNOUNCE, "no")
+    assert m.state is S.ROLLBACK
+    assert m.acks_awaited and m.awaiting_acks
 
 
 def test_problems_in_rollback_are_warnings() -> None:

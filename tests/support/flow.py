@@ -13,7 +13,7 @@ import dataclasses
 import json
 import queue
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
 from typing import Any, TypedDict, TypeVar
 
 import psycopg
@@ -224,6 +224,27 @@ async def fleet_becomes(coord: Coordinator, expected: set[str], timeout: float =
                 wake[0] = trio.Event()
     finally:
         unsubscribe()
+
+
+async def until(predicate: Callable[[], bool], timeout: float = 10) -> None:
+    """Wait until `predicate()` holds (polled: for what no event announces)."""
+    with trio.fail_after(timeout):
+        while not predicate():
+            await trio.sleep(0.01)
+
+
+async def confirmed(log: HookLog, migration: str, agent_ids: Iterable[str]) -> None:
+    """Wait until each agent ran `on_confirm` for `migration`: the coordinator completes
+    without waiting for CONFIRM answers, so `run_migration` may return before they did."""
+    wanted = set(agent_ids)
+    await until(
+        lambda: (
+            wanted
+            <= {
+                c.agent_id for c in log.calls if c.migration == migration and c.hook == "on_confirm"
+            }
+        )
+    )
 
 
 # --------------------------------------------------------------- raw websockets

@@ -27,11 +27,13 @@ from tests.support.flow import (
     agents,
     columns,
     columns_async,
+    confirmed,
     failing,
     hang,
     history,
     make_users,
     phase_names_of,
+    until,
 )
 
 USERS = ["id", "name", "created_at"]
@@ -85,10 +87,10 @@ async def test_happy_path_three_agents(dsn: str) -> None:
             assert result.phase_names == ["ANNOUNCE", "EXECUTE", "APPLY", "CONFIRM"]
             assert result.schema_restored is None
             assert result.warnings == ()
+            await confirmed(log, "add_user_email", THREE)  # CONFIRM is not waited for
             for agent_id, agent in fleet.items():
-                assert agent.seen == [
+                assert agent.seen == [  # no EXECUTE notice: agents need none
                     ("add_user_email", Phase.ANNOUNCE),
-                    ("add_user_email", Phase.EXECUTE),
                     ("add_user_email", Phase.APPLY),
                     ("add_user_email", Phase.CONFIRM),
                 ]
@@ -204,7 +206,7 @@ async def test_failing_second_statement_leaves_no_partial_change(dsn: str) -> No
     assert result.schema_restored is None, "EXECUTE never committed: nothing to undo"
     assert columns(dsn) == USERS, "the first statement's column must not exist"
     for agent_id in THREE:
-        assert seen[agent_id] == [Phase.ANNOUNCE, Phase.EXECUTE, Phase.ROLLBACK]
+        assert seen[agent_id] == [Phase.ANNOUNCE, Phase.ROLLBACK]
         assert "on_apply" not in log.of(agent_id)
 
 
@@ -434,13 +436,14 @@ async def test_migrations_submitted_while_one_runs_wait_their_turn(dsn: str) -> 
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(run, first)
                 nursery.start_soon(submit_second)
+            await until(lambda: ("second", Phase.CONFIRM) in fleet["app-2"].seen)
             seen = fleet["app-2"].seen
 
     assert results["first"].status is MigrationStatus.COMPLETED, results["first"].reason
     assert results["second"].status is MigrationStatus.COMPLETED, results["second"].reason
     assert events.finished("first") < events.started("second", Phase.ANNOUNCE)
     names = [name for name, _ in seen]
-    assert names == ["first"] * 4 + ["second"] * 4, "phases of two migrations interleaved"
+    assert names == ["first"] * 3 + ["second"] * 3, "phases of two migrations interleaved"
     first_row, second_row = history(dsn)
     assert (first_row["name"], second_row["name"]) == ("first", "second")
     assert first_row["finished_at"] <= second_row["started_at"]
@@ -583,7 +586,8 @@ async def test_agent_joining_during_announce_must_ack_apply(dsn: str) -> None:
                 with trio.fail_after(GUARD):
                     await finished.wait()
                 assert late.is_applied("add_user_email")
-                assert [p for _, p in late.seen] == [Phase.EXECUTE, Phase.APPLY, Phase.CONFIRM]
+                await confirmed(log, "add_user_email", ["early", "late"])
+                assert [p for _, p in late.seen] == [Phase.APPLY, Phase.CONFIRM]
 
     [result] = results
     assert result.status is MigrationStatus.COMPLETED, result.reason
