@@ -25,9 +25,9 @@ import pytest
 import trio
 
 from agent import Agent, AgentFenced, MigrationInfo, open_agent
-from coordinator import open_coordinator
+from coordinator import Coordinator, open_coordinator
 from coordinator.events import Event, PhaseStarted
-from statemachine import Migration, MigrationStatus, Phase
+from statemachine import Migration, MigrationResult, MigrationStatus, Phase
 from statemachine.lease import certainly_expired_after
 from tests.support.flow import execute
 from tests.support.tcp_proxy import open_tcp_proxy
@@ -321,33 +321,39 @@ async def test_a_rolling_restart_during_apply_completes(dsn: str) -> None:
         nursery.cancel_scope.cancel()
 
 
-async def test_rollback_mode_still_rolls_back_on_a_disconnect(dsn: str) -> None:
-    make_items(dsn)
+async def _migrate_while_leaver_stops_in_apply(coord: Coordinator) -> MigrationResult:
+    """Agents "steady" and "leaver" on `coord`; "leaver" is stopped cleanly (its scope
+    cancelled) while its APPLY hook runs. Returns the migration's result (bounded: 20 s)."""
     stalled = trio.Event()
 
     async def stall(info: MigrationInfo) -> None:
         stalled.set()
         await trio.sleep_forever()
 
+    scope = trio.CancelScope()
+
+    async def leaver(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        with scope:
+            async with open_agent(coord.url, agent_id="leaver", on_apply=stall):
+                task_status.started()
+                await trio.sleep_forever()
+
+    async def stop_it() -> None:
+        await stalled.wait()
+        scope.cancel()
+
+    async with open_agent(coord.url, agent_id="steady"), trio.open_nursery() as n:
+        await n.start(leaver)
+        await coord.wait_for_agents(2, timeout=5)
+        n.start_soon(stop_it)
+        with trio.fail_after(20):  # with a one-minute lease and no release: about 67 s
+            return await coord.run_migration(rename())
+
+
+async def test_rollback_mode_still_rolls_back_on_a_disconnect(dsn: str) -> None:
+    make_items(dsn)
     async with open_coordinator(dsn, port=0, on_agent_loss="rollback") as coord:
-        scope = trio.CancelScope()
-
-        async def leaver(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-            with scope:
-                async with open_agent(coord.url, agent_id="leaver", on_apply=stall):
-                    task_status.started()
-                    await trio.sleep_forever()
-
-        async def cut() -> None:
-            await stalled.wait()
-            scope.cancel()
-
-        async with open_agent(coord.url, agent_id="steady"), trio.open_nursery() as n:
-            await n.start(leaver)
-            await coord.wait_for_agents(2, timeout=5)
-            n.start_soon(cut)
-            with trio.fail_after(20):
-                result = await coord.run_migration(rename())
+        result = await _migrate_while_leaver_stops_in_apply(coord)
     assert result.status is MigrationStatus.FAILED
     assert result.reason == "agent leaver disconnected in APPLY before acking"
     assert result.departed == ()
@@ -381,31 +387,8 @@ async def test_an_agent_stopped_for_good_is_not_waited_for(dsn: str) -> None:
     lease: the migration completes at once, not a lease's expiry later (a minute here, beyond
     the test's bound), and says it departed."""
     make_items(dsn)
-    stalled = trio.Event()
-
-    async def stall(info: MigrationInfo) -> None:
-        stalled.set()
-        await trio.sleep_forever()
-
     async with open_coordinator(dsn, port=0, ack_timeout=120, lease_seconds=ROLLING_LEASE) as coord:
-        scope = trio.CancelScope()
-
-        async def leaver(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-            with scope:
-                async with open_agent(coord.url, agent_id="leaver", on_apply=stall):
-                    task_status.started()
-                    await trio.sleep_forever()
-
-        async def stop_it() -> None:
-            await stalled.wait()
-            scope.cancel()
-
-        async with open_agent(coord.url, agent_id="steady"), trio.open_nursery() as n:
-            await n.start(leaver)
-            await coord.wait_for_agents(2, timeout=5)
-            n.start_soon(stop_it)
-            with trio.fail_after(20):  # without the release: about 67 s
-                result = await coord.run_migration(rename())
+        result = await _migrate_while_leaver_stops_in_apply(coord)
     assert result.status is MigrationStatus.COMPLETED, result.reason
     assert result.departed == ("leaver",)
 
