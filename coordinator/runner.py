@@ -112,6 +112,10 @@ class MigrationRun:
         self.last_message = ""
         self.progress_version = 0
         self._changed = trio.Event()
+        #: Whether a recorded answer that settles nothing still wakes the runner, and the
+        #: state whose answers it collects (an answer that moved the machine on always does).
+        self._wake_on_answer = True
+        self._collecting: MigrationState | None = None
         #: An operator's abort request (``lockstep abort``), applied at the next safe point.
         self.abort_reason: str | None = None
 
@@ -158,7 +162,13 @@ class MigrationRun:
         self, agent_id: str, phase: Phase, ok: bool, outcome: AckOutcome, error: str | None
     ) -> None:
         self.events.emit(AnswerReceived(self.migration.name, agent_id, phase, ok, outcome, error))
-        if outcome is AckOutcome.RECORDED:
+        m = self.machine
+        if outcome is AckOutcome.RECORDED and (
+            self._wake_on_answer or m.state is not self._collecting or not m.awaiting_acks
+        ):
+            # Only what the runner acts on wakes it: the phase settled or moved on, or the
+            # first answer since its last checkpoint of the acks (`_collect_answers`). A
+            # wake-up per ack was a task switch per agent per phase.
             self._wake()
 
     def _wake(self) -> None:
@@ -414,21 +424,26 @@ class MigrationRun:
         # Who acked so far is made durable (for `lockstep status`; resuming does not need
         # it) at most every ACK_CHECKPOINT_INTERVAL: a checkpoint per wake-up, with the
         # whole acked set in it, cost more than the acks themselves at fleet scale.
-        next_write = time.monotonic() + ACK_CHECKPOINT_INTERVAL
+        next_write = trio.current_time() + ACK_CHECKPOINT_INTERVAL
         unsaved = False
+        self._collecting = state
         with trio.move_on_after(self.ack_timeout):
             while m.state is state and m.awaiting_acks and not self._abort_now():
                 self._changed = trio.Event()
+                # Acks already unsaved are written at `next_write` anyway: until then only a
+                # settled phase (or a departure, an abort) needs to wake this loop.
+                self._wake_on_answer = not unsaved
                 with trio.move_on_at(next_write if unsaved else math.inf):
                     await self._changed.wait()
                 if m.state is not state:
                     break
-                if time.monotonic() >= next_write:
+                if trio.current_time() >= next_write:
                     await self.persist()
-                    next_write = time.monotonic() + ACK_CHECKPOINT_INTERVAL
+                    next_write = trio.current_time() + ACK_CHECKPOINT_INTERVAL
                     unsaved = False
                 else:
                     unsaved = True
+        self._wake_on_answer = True
         if m.state is state and self._abort_now():
             self._apply_abort()
         elif m.state is state:
