@@ -146,7 +146,9 @@ async def test_the_finish_writes_the_terminal_checkpoint_and_is_fenced(dsn: str)
     machine.finish()
     result_checkpoint = Checkpoint.of(machine)
     async with store.migration_lock():
-        await store.record_start(migration, Checkpoint.of(MigrationMachine(migration.id, has_contract=False)))
+        await store.record_start(
+            migration, Checkpoint.of(MigrationMachine(migration.id, has_contract=False))
+        )
         result = MigrationResult(migration.id, migration.name, MigrationStatus.COMPLETED, ())
         await store.record_finish(migration, result, result_checkpoint)
     with psycopg.connect(dsn) as conn:
@@ -157,7 +159,9 @@ async def test_the_finish_writes_the_terminal_checkpoint_and_is_fenced(dsn: str)
     assert row == ("completed", result_checkpoint.to_json()["state"])
     other = _migration(contract=True)
     async with store.migration_lock():
-        await store.record_start(other, Checkpoint.of(MigrationMachine(other.id, has_contract=True)))
+        await store.record_start(
+            other, Checkpoint.of(MigrationMachine(other.id, has_contract=True))
+        )
         with psycopg.connect(dsn, autocommit=True) as conn:  # a takeover bumps the epoch
             conn.execute("UPDATE lockstep.leader SET epoch = epoch + 1")
         with pytest.raises(Deposed):
