@@ -248,8 +248,12 @@ async def _read_frames(
             # No grant once the lease certainly expired: the sweeper is closing this link,
             # and the agent, fenced already, must reconnect and resync.
             if coordinator.fleet.grant(agent_id):
-                grant = LeaseGrant(seq=msg.seq, seconds=coordinator.fleet.lease_seconds)
-                coordinator.fleet.send(agent_id, encode(grant))
+                # Sent from here, not queued in the outbox: idle, renewals are all the fleet
+                # does (10,000 agents renew 2,000 times a second), and the outbox would wake
+                # the sender task once more per renewal. trio-websocket serializes the two
+                # writers. An agent that stops reading blocks only its own reader, so it
+                # stops being renewed and the sweeper closes it when its lease expires.
+                await ws.send_message(encode(LeaseGrant(msg.seq, coordinator.fleet.lease_seconds)))
             continue
         if isinstance(msg, Release):
             # The agent stopped serving: its lease is over now, so the close that follows

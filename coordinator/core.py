@@ -317,7 +317,7 @@ class Coordinator:
             final = run.result()
             if final.status is not MigrationStatus.RUNNING:
                 with trio.CancelScope(shield=True):
-                    await self.history.record_finish(migration, final)
+                    await run.record_finish(final, patience=run.ack_timeout)
                 run.send_confirm()
             self._release_collector_after(run, token)
         if result.status is MigrationStatus.COMPLETED:

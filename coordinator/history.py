@@ -190,7 +190,12 @@ class History(Protocol):
         """The journal of `migration`'s committed execution groups (None: not kept)."""
         ...
 
-    async def record_finish(self, migration: Migration, result: MigrationResult) -> None: ...
+    async def record_finish(
+        self, migration: Migration, result: MigrationResult, checkpoint: Checkpoint | None = None
+    ) -> None:
+        """Record the run's end, with its terminal `checkpoint` when given (one write for
+        both); `Deposed` if fenced off."""
+        ...
 
     async def save_progress(self, migration: Migration, progress: dict[str, object]) -> None:
         """Best-effort live progress for `lockstep status` (never needed to resume)."""
@@ -257,8 +262,12 @@ class InMemoryHistory:
     def deposed(self) -> bool:
         return False
 
-    async def record_finish(self, migration: Migration, result: MigrationResult) -> None:
+    async def record_finish(
+        self, migration: Migration, result: MigrationResult, checkpoint: Checkpoint | None = None
+    ) -> None:
         self.rows[migration.id] = (migration, result)
+        if checkpoint is not None:
+            self.checkpoints[migration.id] = checkpoint
 
     async def save_progress(self, migration: Migration, progress: dict[str, object]) -> None:
         await trio.lowlevel.checkpoint()
@@ -453,24 +462,36 @@ class PostgresHistory:
         )
         return _parse_journal(rows[0][0]) if rows else set()
 
-    async def record_finish(self, migration: Migration, result: MigrationResult) -> None:
+    async def record_finish(
+        self, migration: Migration, result: MigrationResult, checkpoint: Checkpoint | None = None
+    ) -> None:
+        """The run's status, phases and reason; with `checkpoint`, its terminal checkpoint
+        in the same statement (the runner's last write). `Deposed` when the epoch moved on
+        and a checkpoint was to be written: the run's state is a successor's now."""
         phases = [
             {"phase": p.phase.name, "started_at": p.started_at, "ended_at": p.ended_at}
             for p in result.phases
         ]
-        await self._run(
+        _, count = await self._run_counted(
             "UPDATE lockstep.migrations SET status = %(status)s, finished_at = now(), "
             "phases = %(phases)s, reason = %(reason)s, schema_restored = %(restored)s, "
+            "checkpoint = coalesce(%(checkpoint)s::jsonb, checkpoint), "
             f"updated_at = now() WHERE id = %(id)s AND {EPOCH_FENCE}",
             {
                 "status": result.status.value,
                 "phases": json.dumps(phases),
                 "reason": result.reason,
                 "restored": result.schema_restored,
+                "checkpoint": None if checkpoint is None else json.dumps(checkpoint.to_json()),
                 "id": migration.id,
                 "epoch": self.epoch,
             },
         )
+        if checkpoint is not None and count != 1:
+            raise Deposed(
+                f"migration {migration.name!r}: another coordinator took over "
+                f"(epoch {self.epoch} is no longer the leader's)"
+            )
 
     async def save_progress(self, migration: Migration, progress: dict[str, object]) -> None:
         await self._run(

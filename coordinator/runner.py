@@ -17,7 +17,7 @@ import itertools
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import psycopg
 import trio
@@ -112,6 +112,10 @@ class MigrationRun:
         self.last_message = ""
         self.progress_version = 0
         self._changed = trio.Event()
+        #: Whether a recorded answer that settles nothing still wakes the runner, and the
+        #: state whose answers it collects (an answer that moved the machine on always does).
+        self._wake_on_answer = True
+        self._collecting: MigrationState | None = None
         #: An operator's abort request (``lockstep abort``), applied at the next safe point.
         self.abort_reason: str | None = None
 
@@ -160,7 +164,13 @@ class MigrationRun:
         self, agent_id: str, phase: Phase, ok: bool, outcome: AckOutcome, error: str | None
     ) -> None:
         self.events.emit(AnswerReceived(self.migration.name, agent_id, phase, ok, outcome, error))
-        if outcome is AckOutcome.RECORDED:
+        m = self.machine
+        if outcome is AckOutcome.RECORDED and (
+            self._wake_on_answer or m.state is not self._collecting or not m.awaiting_acks
+        ):
+            # Only what the runner acts on wakes it: the phase settled or moved on, or the
+            # first answer since its last checkpoint of the acks (`_collect_answers`). A
+            # wake-up per ack was a task switch per agent per phase.
             self._wake()
 
     def _wake(self) -> None:
@@ -235,8 +245,15 @@ class MigrationRun:
         while not m.is_terminal:
             # Write-ahead: the state is durable before any agent hears of it or any SQL runs.
             # (This await is also the loop's checkpoint: should the FSM ever fail to move,
-            # the loop stays cancellable instead of spinning the event loop.)
-            await self.persist()
+            # the loop stays cancellable instead of spinning the event loop.) CONFIRM is the
+            # exception: nothing is sent or run for it before the finish is recorded (its
+            # notice goes out after `record_finish`, which writes the terminal checkpoint),
+            # so a checkpoint of it would be a round trip that protects nothing: a successor
+            # finding the previous state resumes there and reaches the same end.
+            if m.state is S.CONFIRM:
+                await trio.lowlevel.checkpoint()
+            else:
+                await self.persist()
             state = m.state
             phase = state.phase
             if self._abort_now() and state not in (S.EXECUTE, S.CONTRACT):
@@ -265,7 +282,9 @@ class MigrationRun:
                     await self._restore_schema()
             else:  # pragma: no cover - the FSM has no other non-terminal state
                 raise AssertionError(f"runner has no work for state {state}")
-        await self.persist()
+        if self.history is None:
+            await self.persist()
+        # With a history, the terminal checkpoint is written with the finish (`record_finish`).
 
     def send_confirm(self) -> None:
         """Send CONFIRM to its cohort, once, if the run completed (the coordinator calls it
@@ -273,6 +292,47 @@ class MigrationRun:
         if self.machine.state is S.COMPLETED and not self._confirm_sent:
             self._confirm_sent = True
             self._notify_phase(Phase.CONFIRM)
+
+    async def record_finish(self, result: MigrationResult, *, patience: float) -> None:
+        """Record the finished run: its terminal checkpoint and its history row, in one
+        statement (one round trip instead of two; the coordinator calls it once `run`
+        returned a terminal result). While the database is unreachable it retries as
+        `persist` does, for at most `patience` seconds, then raises the last error: the run
+        then stays unfinished in the database, for a successor to resume. `Deposed`
+        propagates."""
+        if self.history is None:
+            return
+        checkpoint = Checkpoint.of(self.machine)
+        history = self.history
+        await self._durably(
+            lambda: history.record_finish(self.migration, result, checkpoint),
+            until=trio.current_time() + patience,
+        )
+        self._saved = checkpoint
+        self._persisted_at.setdefault(checkpoint.state, trio.current_time())
+
+    async def _durably(
+        self, write: Callable[[], Awaitable[None]], *, until: float = math.inf
+    ) -> None:
+        """Run `write` until it succeeds, retrying with backoff while the database cannot
+        be reached (an `OperationalError`, raised as it is once `until` passed); other
+        errors, and `Deposed`, propagate."""
+        delay = 0.1
+        while True:
+            try:
+                await write()
+                return
+            except psycopg.OperationalError as exc:
+                if trio.current_time() + delay > until:
+                    raise
+                log.warning(
+                    "%s: cannot write the migration's state (%s); retrying in %.1f s",
+                    self.migration.name,
+                    pg_message(exc),
+                    delay,
+                )
+                await trio.sleep(delay)
+                delay = min(delay * 2, 5.0)
 
     def mark_durable(self, checkpoint: Checkpoint) -> None:
         """`checkpoint` was written by the caller (the start of the run): `persist` does
@@ -294,20 +354,8 @@ class MigrationRun:
         if checkpoint == self._saved:
             await trio.lowlevel.checkpoint()
             return
-        delay = 0.1
-        while True:
-            try:
-                await self.history.save(self.migration, checkpoint)
-                break
-            except psycopg.OperationalError as exc:
-                log.warning(
-                    "%s: cannot write the migration's state (%s); retrying in %.1f s",
-                    self.migration.name,
-                    pg_message(exc),
-                    delay,
-                )
-                await trio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+        history = self.history
+        await self._durably(lambda: history.save(self.migration, checkpoint))
         self._saved = checkpoint
         self._persisted_at.setdefault(checkpoint.state, trio.current_time())
 
@@ -378,21 +426,26 @@ class MigrationRun:
         # Who acked so far is made durable (for `lockstep status`; resuming does not need
         # it) at most every ACK_CHECKPOINT_INTERVAL: a checkpoint per wake-up, with the
         # whole acked set in it, cost more than the acks themselves at fleet scale.
-        next_write = time.monotonic() + ACK_CHECKPOINT_INTERVAL
+        next_write = trio.current_time() + ACK_CHECKPOINT_INTERVAL
         unsaved = False
+        self._collecting = state
         with trio.move_on_after(self.ack_timeout):
             while m.state is state and m.awaiting_acks and not self._abort_now():
                 self._changed = trio.Event()
+                # Acks already unsaved are written at `next_write` anyway: until then only a
+                # settled phase (or a departure, an abort) needs to wake this loop.
+                self._wake_on_answer = not unsaved
                 with trio.move_on_at(next_write if unsaved else math.inf):
                     await self._changed.wait()
                 if m.state is not state:
                     break
-                if time.monotonic() >= next_write:
+                if trio.current_time() >= next_write:
                     await self.persist()
-                    next_write = time.monotonic() + ACK_CHECKPOINT_INTERVAL
+                    next_write = trio.current_time() + ACK_CHECKPOINT_INTERVAL
                     unsaved = False
                 else:
                     unsaved = True
+        self._wake_on_answer = True
         if m.state is state and self._abort_now():
             self._apply_abort()
         elif m.state is state:

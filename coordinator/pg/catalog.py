@@ -66,9 +66,26 @@ def read_catalog(
     `functions` already read, pg_proc is not read again. The queries go out together (a
     pipeline: one round trip, not four)."""
     with conn.pipeline():
-        column_rows = conn.execute(_COLUMNS)
-        table_rows = conn.execute(_TABLES)
-        path_row = conn.execute("SELECT current_schemas(false)")
+        queued = _queue_catalog(conn)
+    return _catalog_of(conn, queued, functions)
+
+
+_Queued = tuple["psycopg.Cursor[Any]", "psycopg.Cursor[Any]", "psycopg.Cursor[Any]"]
+
+
+def _queue_catalog(conn: psycopg.Connection[Any]) -> _Queued:
+    """Send the catalog's queries (in a pipeline, their results are read later)."""
+    return (
+        conn.execute(_COLUMNS),
+        conn.execute(_TABLES),
+        conn.execute("SELECT current_schemas(false)"),
+    )
+
+
+def _catalog_of(
+    conn: psycopg.Connection[Any], queued: _Queued, functions: dict[str, Volatility] | None
+) -> Catalog:
+    column_rows, table_rows, path_row = queued
     columns: dict[int, dict[str, ColumnInfo]] = {}
     for relid, name, type_, not_null in column_rows.fetchall():
         columns.setdefault(int(relid), {})[str(name)] = ColumnInfo(str(type_), bool(not_null))
@@ -112,18 +129,22 @@ class CatalogReader:
             return await self.held.run(self._read)
 
     def _read(self, conn: psycopg.Connection[Any]) -> Catalog:
-        with conn.transaction():
-            with conn.pipeline():
-                _limit(conn, self.lock_timeout, self.timeout, local=True)
-                versions = conn.execute(_FUNCTIONS_VERSION)
-            version = versions.fetchone() or ()
-            cached = self._functions
-            if cached is not None and cached[0] == tuple(version):
-                functions = cached[1]
-            else:
-                functions = read_functions(conn)
-                self._functions = (tuple(version), functions)
-            return read_catalog(conn, functions)
+        # One round trip: the limits, pg_proc's version and the catalog's queries go out in
+        # one pipeline (pg_proc itself is read only when its version changed). The limits
+        # are the session's (the held connection is the reader's alone); no transaction is
+        # needed for them, and at READ COMMITTED one would not share a snapshot either.
+        with conn.pipeline():
+            _limit(conn, self.lock_timeout, self.timeout, local=False)
+            versions = conn.execute(_FUNCTIONS_VERSION)
+            queued = _queue_catalog(conn)
+        version = versions.fetchone() or ()
+        cached = self._functions
+        if cached is not None and cached[0] == tuple(version):
+            functions = cached[1]
+        else:
+            functions = read_functions(conn)
+            self._functions = (tuple(version), functions)
+        return _catalog_of(conn, queued, functions)
 
     async def aclose(self) -> None:
         await self.held.aclose()

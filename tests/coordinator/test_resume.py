@@ -18,6 +18,7 @@ from coordinator import open_coordinator
 from coordinator.history import Deposed, PostgresHistory, PostgresJournal
 from statemachine import Migration, MigrationMachine, MigrationStatus, Phase
 from statemachine.checkpoint import Checkpoint
+from statemachine.result import MigrationResult
 from tests.support.flow import columns, execute, history, make_users
 
 ADD_EMAIL = "ALTER TABLE users ADD COLUMN email text"
@@ -136,6 +137,40 @@ async def test_a_new_epoch_fences_the_old_coordinators_writes(dsn: str) -> None:
         assert journal is not None
         with psycopg.connect(dsn) as conn, pytest.raises(Deposed):
             journal.mark(conn, Phase.EXECUTE, 0)
+
+
+async def test_the_finish_writes_the_terminal_checkpoint_and_is_fenced(dsn: str) -> None:
+    """One statement records the end and the last checkpoint (no CONFIRM checkpoint is
+    written before it); under a moved-on epoch it changes nothing and raises Deposed."""
+    migration = _migration()
+    store = PostgresHistory(dsn)
+    await store.ensure_schema()
+    machine = _machine_in_apply(migration, "a1")
+    machine.receive_ack("a1", migration.id, Phase.APPLY)
+    machine.finish()
+    result_checkpoint = Checkpoint.of(machine)
+    async with store.migration_lock():
+        await store.record_start(
+            migration, Checkpoint.of(MigrationMachine(migration.id, has_contract=False))
+        )
+        result = MigrationResult(migration.id, migration.name, MigrationStatus.COMPLETED, ())
+        await store.record_finish(migration, result, result_checkpoint)
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute(
+            "SELECT status, checkpoint->>'state' FROM lockstep.migrations WHERE id = %s",
+            (migration.id,),
+        ).fetchone()
+    assert row == ("completed", result_checkpoint.to_json()["state"])
+    other = _migration(contract=True)
+    async with store.migration_lock():
+        await store.record_start(
+            other, Checkpoint.of(MigrationMachine(other.id, has_contract=True))
+        )
+        with psycopg.connect(dsn, autocommit=True) as conn:  # a takeover bumps the epoch
+            conn.execute("UPDATE lockstep.leader SET epoch = epoch + 1")
+        with pytest.raises(Deposed):
+            result = MigrationResult(other.id, other.name, MigrationStatus.COMPLETED, ())
+            await store.record_finish(other, result, result_checkpoint)
 
 
 async def test_the_journal_commits_with_the_group_or_not_at_all(dsn: str) -> None:
