@@ -68,6 +68,11 @@ class ConnectionHost(Protocol):
         """Migrations a joining agent must treat as applied (the Welcome's list)."""
         ...
 
+    def welcome(self, agent_id: str) -> str | None:
+        """The Welcome frame to send `agent_id` now, or None when it comes another way (a
+        relay: the leader's Welcome arrives in the agent's outbox)."""
+        ...
+
     def agent_joined(self, agent_id: str) -> None: ...
 
     def agent_left(self, agent_id: str) -> None: ...
@@ -143,15 +148,9 @@ async def serve_connection(
         coordinator.fleet.grant(hello.agent_id)
         coordinator.agent_joined(hello.agent_id)
         coordinator.events.emit(AgentJoined(hello.agent_id, remote))
-        welcome = Welcome(
-            protocol=PROTOCOL_VERSION,
-            applied=coordinator.applied_names(),
-            # JSON has no infinity (msgspec writes null, which agents reject): 0 = no pings.
-            heartbeat_interval=_wire_interval(coordinator.heartbeat_interval),
-            epoch=coordinator.epoch,
-            lease_seconds=coordinator.fleet.lease_seconds,
-        )
-        await ws.send_message(encode(welcome))
+        welcome = coordinator.welcome(hello.agent_id)
+        if welcome is not None:  # None: a relay's agent, welcomed by the leader (outbox)
+            await ws.send_message(welcome)
         async with trio.open_nursery() as nursery:
 
             async def reader() -> None:
@@ -189,6 +188,20 @@ async def serve_connection(
                 coordinator.events.emit(AgentLeft(hello.agent_id, reason))
             with trio.move_on_after(1):
                 await ws.aclose()
+
+
+def welcome_frame(coordinator: ConnectionHost) -> str:
+    """The encoded Welcome an agent joining now gets (what is applied, the epoch, the
+    lease): built at the instant the agent joined the fleet, so it tells the truth."""
+    welcome = Welcome(
+        protocol=PROTOCOL_VERSION,
+        applied=coordinator.applied_names(),
+        # JSON has no infinity (msgspec writes null, which agents reject): 0 = no pings.
+        heartbeat_interval=_wire_interval(coordinator.heartbeat_interval),
+        epoch=coordinator.epoch,
+        lease_seconds=coordinator.fleet.lease_seconds,
+    )
+    return encode(welcome)
 
 
 def _wire_interval(interval: float) -> float:
@@ -250,26 +263,32 @@ async def _read_frames(
                 grant = LeaseGrant(seq=msg.seq, seconds=coordinator.fleet.lease_seconds)
                 coordinator.fleet.send(agent_id, encode(grant))
             continue
-        if isinstance(msg, Ack):
-            outcome = coordinator.route_ack(agent_id, msg)
-        else:
-            assert isinstance(msg, Nack)
-            outcome = coordinator.route_nack(agent_id, msg)
-        if outcome is AckOutcome.RECORDED:
-            link.bad_frames = 0
-        if outcome is AckOutcome.STRANGER or (
-            outcome in (AckOutcome.STALE, AckOutcome.CLOSED)
-            and not coordinator.is_active_migration(msg.migration_id)
-        ):
-            # A late answer for the running migration's previous phase is a normal race and
-            # stays quiet; an answer nobody could have asked for is worth telling the agent.
-            _reply_error(
-                coordinator,
-                link,
-                f"{outcome.value}_answer",
-                f"{type(msg).__name__.lower()} for migration {msg.migration_id} phase "
-                f"{msg.phase.value} does not count: {outcome.value}",
-            )
+        assert isinstance(msg, Ack | Nack)
+        route_answer(coordinator, link, msg)
+
+
+def route_answer(coordinator: ConnectionHost, link: AgentLink, msg: Ack | Nack) -> None:
+    """Count an agent's ack or nack; tell the agent when it cannot count. Shared by the
+    agents' own connections and the leader's side of a relay (`coordinator.relay`)."""
+    if isinstance(msg, Ack):
+        outcome = coordinator.route_ack(link.agent_id, msg)
+    else:
+        outcome = coordinator.route_nack(link.agent_id, msg)
+    if outcome is AckOutcome.RECORDED:
+        link.bad_frames = 0
+    if outcome is AckOutcome.STRANGER or (
+        outcome in (AckOutcome.STALE, AckOutcome.CLOSED)
+        and not coordinator.is_active_migration(msg.migration_id)
+    ):
+        # A late answer for the running migration's previous phase is a normal race and
+        # stays quiet; an answer nobody could have asked for is worth telling the agent.
+        _reply_error(
+            coordinator,
+            link,
+            f"{outcome.value}_answer",
+            f"{type(msg).__name__.lower()} for migration {msg.migration_id} phase "
+            f"{msg.phase.value} does not count: {outcome.value}",
+        )
 
 
 def _decode(frame: str | bytes) -> Hello | Ack | Nack | Renew:

@@ -1,0 +1,231 @@
+"""The relay sub-protocol between a leading coordinator and a relaying replica, and its lease rule.
+
+A *relay* is a ``lockstep serve`` replica that does not lead: it accepts agents exactly as the
+leader would (agents need no change) and holds one WebSocket to the leader, on the path
+`RELAY_PATH`, over which it speaks these frames (docs/replicas.md):
+
+- relay -> leader: `RelayHello` (first frame: the fleet secret), `Joined` and `Left` (its
+  agents' membership, batched), `Answered` / `RelayedNack` (its agents' acks and nacks,
+  batched per migration and phase), `RelayRenew` (its own lease);
+- leader -> relay: `RelayWelcome`, `Deliver` (one already-encoded agent frame and the agents
+  it is for: a phase notice crosses the link once per relay, not once per agent), `Drop`
+  (close these agents' connections), `RelayGrant`.
+
+Why batched lists of agent ids: the leader's per-agent cost for a relayed agent is then a few
+dictionary operations, and the WebSocket framing, JSON parsing and per-connection tasks of
+each agent are the relay's. Lists are cut to `MAX_IDS_PER_FRAME` so a frame stays below
+`MAX_RELAY_FRAME_BYTES` whatever the ids' lengths.
+
+The lease rule (`relay_grant_seconds`): a relay grants its agents only lease time it holds
+itself from the leader, so an agent's lease never outlives what the leader believes.
+
+Pure: no I/O.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Iterator, Sequence
+from typing import Annotated, Final, TypeVar
+
+import msgspec
+
+from statemachine.phases import Phase
+from statemachine.protocol import (
+    AgentId,
+    ErrorText,
+    MigrationId,
+    ProtocolError,
+    decode_frame,
+)
+
+#: The path of the leader's listening socket a relay links to (agents use ``/``).
+RELAY_PATH: Final = "/relay"
+#: Incompatible changes of the relay frames change it; a leader refuses other versions.
+RELAY_PROTOCOL_VERSION: Final = 1
+#: Agent ids per list in one frame: 2,000 ids of at most 128 characters stay under 300 kB.
+MAX_IDS_PER_FRAME: Final = 2000
+#: Largest relay frame accepted. Larger than an agent's (`MAX_FRAME_BYTES`, 64 kB) because a
+#: relay frame carries lists of ids and whole agent frames; the peer is authenticated after
+#: the first frame, which is small.
+MAX_RELAY_FRAME_BYTES: Final = 1024 * 1024
+#: A relay grants no lease shorter than this: a grant of 0 would read "no leases" to an
+#: agent, so a relay whose own lease is about to lapse grants an instant instead.
+MIN_GRANT_SECONDS: Final = 0.001
+
+RelayId = AgentId
+AgentIds = Annotated[list[AgentId], msgspec.Meta(max_length=MAX_IDS_PER_FRAME)]
+#: A whole agent frame inside a `Deliver` (agent frames are at most 64 kB).
+AgentFrame = Annotated[str, msgspec.Meta(max_length=64 * 1024)]
+
+
+class _RelayMessage(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag_field="type"):
+    pass
+
+
+# ---------------------------------------------------------------- relay -> leader
+class RelayHello(_RelayMessage, frozen=True, tag="relay_hello"):
+    """First frame of a relay link; `token` is the fleet secret itself (a relay is a trusted
+    peer: it verifies its agents' credentials with that secret)."""
+
+    protocol: int
+    relay_id: RelayId
+    token: str | None = None
+
+
+class Joined(_RelayMessage, frozen=True, tag="joined"):
+    """These agents said a valid hello to the relay: the leader welcomes them."""
+
+    agents: AgentIds
+
+
+class Left(_RelayMessage, frozen=True, tag="left"):
+    """These agents' connections to the relay ended."""
+
+    agents: AgentIds
+
+
+class Answered(_RelayMessage, frozen=True, tag="answered"):
+    """These agents acked `phase` of `migration_id`."""
+
+    migration_id: MigrationId
+    phase: Phase
+    agents: AgentIds
+
+
+class RelayedNack(_RelayMessage, frozen=True, tag="relayed_nack"):
+    """One agent refused a phase (rare: sent one by one, with its error)."""
+
+    agent_id: AgentId
+    migration_id: MigrationId
+    phase: Phase
+    error: ErrorText
+
+
+class RelayRenew(_RelayMessage, frozen=True, tag="relay_renew"):
+    """The relay asks for its own lease to be extended, counted from when it sent this."""
+
+    seq: Annotated[int, msgspec.Meta(ge=0, le=2**53)]
+
+
+# ---------------------------------------------------------------- leader -> relay
+class RelayWelcome(_RelayMessage, frozen=True, tag="relay_welcome"):
+    """The link is accepted: the first lease, counted by the relay from its hello."""
+
+    protocol: int
+    epoch: int
+    lease_seconds: float
+
+
+class Deliver(_RelayMessage, frozen=True, tag="deliver"):
+    """Send agent frame `frame` (a Welcome, notice, error...) to each of `agents`, in order."""
+
+    frame: AgentFrame
+    agents: AgentIds
+
+
+class Drop(_RelayMessage, frozen=True, tag="drop"):
+    """Close these agents' connections with WebSocket close `code` and `reason`."""
+
+    agents: AgentIds
+    code: int
+    reason: ErrorText
+
+
+class RelayGrant(_RelayMessage, frozen=True, tag="relay_grant"):
+    """The answer to `RelayRenew` number `seq`: `seconds` from when it was sent."""
+
+    seq: int
+    seconds: float
+
+
+RelayUpMessage = RelayHello | Joined | Left | Answered | RelayedNack | RelayRenew
+RelayDownMessage = RelayWelcome | Deliver | Drop | RelayGrant
+UP_TYPES: Final = ("relay_hello", "joined", "left", "answered", "relayed_nack", "relay_renew")
+DOWN_TYPES: Final = ("relay_welcome", "deliver", "drop", "relay_grant")
+
+_up_decoder = msgspec.json.Decoder(RelayUpMessage)
+_down_decoder = msgspec.json.Decoder(RelayDownMessage)
+_encoder = msgspec.json.Encoder()
+
+
+def decode_relay_up(frame: str | bytes) -> RelayUpMessage:
+    """Parse a frame a relay sent; `ProtocolError` with a precise reason otherwise."""
+    msg = decode_frame(_up_decoder, frame, UP_TYPES, max_bytes=MAX_RELAY_FRAME_BYTES)
+    assert isinstance(msg, RelayHello | Joined | Left | Answered | RelayedNack | RelayRenew)
+    return msg
+
+
+def decode_relay_down(frame: str | bytes) -> RelayDownMessage:
+    """Parse a frame the leader sent to a relay; `ProtocolError` otherwise."""
+    msg = decode_frame(_down_decoder, frame, DOWN_TYPES, max_bytes=MAX_RELAY_FRAME_BYTES)
+    assert isinstance(msg, RelayWelcome | Deliver | Drop | RelayGrant)
+    return msg
+
+
+def encode_relay(message: _RelayMessage) -> str:
+    return _encoder.encode(message).decode()
+
+
+_T = TypeVar("_T")
+
+
+def chunks(items: Sequence[_T], size: int = MAX_IDS_PER_FRAME) -> Iterator[list[_T]]:
+    """`items` cut into lists of at most `size`, in order (none for no items)."""
+    if not items:
+        return
+    for start in range(0, len(items), size):
+        yield list(items[start : start + size])
+
+
+def relay_hello_ok(secret: str | None, presented: str | None) -> bool:
+    """Whether a relay's hello may link: it must present the fleet secret itself (constant
+    time), or the leader must have none (then it authenticates nobody, agents included)."""
+    if secret is None:
+        return True
+    return presented is not None and hmac.compare_digest(secret.encode(), presented.encode())
+
+
+def relay_grant_seconds(lease_seconds: float, relay_valid_until: float, now: float) -> float:
+    """How long a lease a relay may grant an agent at `now` (the relay's clock).
+
+    Why it is safe: the agent counts the grant from when it *sent* its request, which is
+    before `now`, so its lease ends before ``now + result <= relay_valid_until``: before the
+    relay's own lease from the leader ends. The leader counts the relay's agents gone no
+    earlier than its own grant of the relay's lease + 1.1 x lease + 1 s (each renewal of
+    the relay renews every agent the leader knows on it), which is after the relay's lease
+    ends exactly as an agent's direct lease ends before (statemachine.lease). Never 0: a
+    Welcome or grant of 0 s reads "no leases" to an agent, so a lapsing relay grants
+    `MIN_GRANT_SECONDS` (the agent fences at once) and should refuse agents instead.
+    """
+    return max(MIN_GRANT_SECONDS, min(lease_seconds, relay_valid_until - now))
+
+
+__all__ = [
+    "DOWN_TYPES",
+    "MAX_IDS_PER_FRAME",
+    "MAX_RELAY_FRAME_BYTES",
+    "MIN_GRANT_SECONDS",
+    "RELAY_PATH",
+    "RELAY_PROTOCOL_VERSION",
+    "UP_TYPES",
+    "Answered",
+    "Deliver",
+    "Drop",
+    "Joined",
+    "Left",
+    "ProtocolError",
+    "RelayDownMessage",
+    "RelayGrant",
+    "RelayHello",
+    "RelayRenew",
+    "RelayUpMessage",
+    "RelayWelcome",
+    "RelayedNack",
+    "chunks",
+    "decode_relay_down",
+    "decode_relay_up",
+    "encode_relay",
+    "relay_grant_seconds",
+    "relay_hello_ok",
+]

@@ -1,0 +1,176 @@
+"""Relaying replicas in-process: a leader and a relay of `lockstep serve` on one database.
+
+Real PostgreSQL, real loopback WebSockets; agents given only the relay's URL. The versions
+with real processes and SIGKILL are in tests/system/test_relay_processes.py and
+tests/fault/test_relay_faults.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+
+import psycopg
+import pytest
+import trio
+from trio_websocket import ConnectionClosed
+
+from agent import Agent, MigrationInfo, open_agent
+from coordinator.events import AnswerReceived, Event
+from coordinator.queue import submit
+from coordinator.relay import RelayedLink
+from coordinator.service import Service, open_service
+from statemachine import Migration, Phase
+from statemachine.protocol import CLOSE_NOT_LEADER, CLOSE_UNAUTHORIZED
+from statemachine.relay import RELAY_PATH, RELAY_PROTOCOL_VERSION, RelayHello, encode_relay
+from tests.support.flow import columns, make_users, raw_client, say_hello
+
+LEASE = 2.0
+FAST = {
+    "leader_poll_interval": 0.05,
+    "probe_interval": 0.2,
+    "poll_interval": 0.5,
+    "lease_seconds": LEASE,
+}
+
+
+def _migration(name: str = "add_email") -> Migration:
+    return Migration(
+        name,
+        ["ALTER TABLE users ADD COLUMN email text"],
+        rollback_sql=["ALTER TABLE users DROP COLUMN IF EXISTS email"],
+        contract_sql=["ALTER TABLE users DROP COLUMN name"],
+        ack_timeout=10,
+    )
+
+
+def _status(dsn: str, name: str) -> str | None:
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute(
+            "SELECT status FROM lockstep.migrations WHERE name = %s", (name,)
+        ).fetchone()
+    return None if row is None else str(row[0])
+
+
+async def _until(predicate: object, timeout: float = 20) -> None:
+    assert callable(predicate)
+    with trio.fail_after(timeout):
+        while not predicate():
+            await trio.sleep(0.05)
+
+
+@asynccontextmanager
+async def _replicas(dsn: str, **options: object) -> AsyncIterator[tuple[Service, Service]]:
+    """A leader, then a relaying standby linked to it."""
+    async with open_service(dsn, **FAST, **options) as leader:  # type: ignore[arg-type]
+        with trio.fail_after(10):
+            await leader.wait_until_leader()
+        async with open_service(dsn, relay=True, **FAST, **options) as relay:  # type: ignore[arg-type]
+            assert relay.relay is not None
+            await _until(lambda: relay.relay is not None and relay.relay.linked, 10)
+            yield leader, relay
+
+
+async def test_relayed_agents_are_the_leaders_cohort_and_the_migration_completes(
+    dsn: str,
+) -> None:
+    make_users(dsn)
+    answers: list[AnswerReceived] = []
+    async with _replicas(dsn) as (leader, relay), AsyncExitStack() as stack:
+
+        def seen(event: Event) -> None:
+            if isinstance(event, AnswerReceived):
+                answers.append(event)
+
+        leader.coordinator.subscribe(seen)
+        agents: list[Agent] = []
+        for i in range(4):
+            url = relay.url if i % 2 else leader.url
+            agents.append(await stack.enter_async_context(open_agent(url, agent_id=f"a{i}")))
+        await leader.coordinator.wait_for_agents(4, timeout=10)
+        relayed = {a.agent_id for a in leader.coordinator.fleet if isinstance(a, RelayedLink)}
+        assert relayed == {"a1", "a3"}
+        assert relay.relay is not None and relay.relay.fleet.agent_ids == {"a1", "a3"}
+        await submit(dsn, [_migration()])
+        await _until(lambda: _status(dsn, "add_email") == "completed")
+        assert all(agent.is_applied("add_email") for agent in agents)
+    assert "email" in columns(dsn) and "name" not in columns(dsn)
+    acked = {(e.agent_id, e.phase) for e in answers if e.ok}
+    for agent_id in ("a1", "a3"):
+        assert (agent_id, Phase.APPLY) in acked, "a relayed agent's APPLY ack was not counted"
+
+
+async def test_a_relayed_agents_nack_rolls_the_migration_back(dsn: str) -> None:
+    make_users(dsn)
+
+    async def refuse(info: MigrationInfo) -> None:
+        raise RuntimeError("this instance cannot switch")
+
+    async with (
+        _replicas(dsn) as (leader, relay),
+        open_agent(leader.url, agent_id="direct"),
+        open_agent(relay.url, agent_id="relayed", on_apply=refuse) as relayed,
+    ):
+        await leader.coordinator.wait_for_agents(2, timeout=10)
+        await submit(dsn, [_migration()])
+        await _until(lambda: _status(dsn, "add_email") == "failed")
+        assert not relayed.is_applied("add_email")
+    assert "email" not in columns(dsn) and "name" in columns(dsn)
+
+
+async def test_a_relay_link_needs_the_fleet_secret_and_an_unlinked_relay_sends_agents_on(
+    dsn: str,
+) -> None:
+    async with _replicas(dsn, token="s3cret") as (leader, relay):
+        hello = RelayHello(RELAY_PROTOCOL_VERSION, "intruder", "ls1.not-the-secret")
+        async with raw_client(leader.url + RELAY_PATH) as ws:
+            await ws.send_message(encode_relay(hello))
+            with pytest.raises(ConnectionClosed) as closed:
+                while True:
+                    await ws.get_message()
+        assert closed.value.reason.code == CLOSE_UNAUTHORIZED
+        assert "fleet secret" in (closed.value.reason.reason or "")
+        assert relay.relay is not None
+        relay.relay.pause("test: unlinked")
+        async with raw_client(relay.url) as ws:
+            with pytest.raises(ConnectionClosed) as closed:
+                await say_hello(ws, "a1")
+        assert closed.value.reason.code == CLOSE_NOT_LEADER
+
+
+async def test_the_leader_stopping_mid_apply_lets_the_relay_lead_and_finish(dsn: str) -> None:
+    make_users(dsn)
+    entered = trio.Event()
+
+    async def noted(info: MigrationInfo) -> None:
+        entered.set()
+
+    stop_leader = trio.Event()
+    linked = trio.Event()
+    leader_epoch: list[int] = []
+
+    async def first_leader() -> None:
+        async with open_service(dsn, **FAST) as leader:  # type: ignore[arg-type]
+            await leader.wait_until_leader()
+            leader_epoch.append(leader.epoch())
+            await stop_leader.wait()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(first_leader)
+        await _until(lambda: bool(leader_epoch), 10)
+        async with open_service(dsn, relay=True, **FAST) as relay:  # type: ignore[arg-type]
+            assert relay.relay is not None
+            await _until(lambda: relay.relay is not None and relay.relay.linked, 10)
+            linked.set()
+            async with open_agent(relay.url, agent_id="r1", on_apply=noted) as r1:
+                await submit(dsn, [_migration()])
+                with trio.fail_after(20):
+                    await entered.wait()
+                stop_leader.set()  # mid-APPLY (or just after its ack): the run stays durable
+                with trio.fail_after(20):
+                    await relay.wait_until_leader()
+                assert relay.epoch() > leader_epoch[0]
+                await _until(lambda: _status(dsn, "add_email") == "completed", 40)
+                assert r1.is_applied("add_email")
+                assert relay.relay.links_made >= 1 and not relay.relay.linked
+    assert "name" not in columns(dsn)
