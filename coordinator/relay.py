@@ -25,8 +25,6 @@ import logging
 import re
 import ssl
 import time
-from collections.abc import Callable
-from typing import Any
 
 import psycopg
 import trio
@@ -139,8 +137,16 @@ class RelaySession:
         self._queued = 0
         self._wake = trio.Event()
         self.closed = False
+        #: The scope serving the link (`close` cancels it).
+        self.scope: trio.CancelScope | None = None
         #: When the relay last renewed (trio clock): its agents' leases were renewed then.
         self.renewed_at = trio.current_time()
+
+    def close(self) -> None:
+        """End the link (this coordinator stopped leading)."""
+        self.closed = True
+        if self.scope is not None:
+            self.scope.cancel()
 
     # ---------------------------------------------------------- queued to the relay
     def deliver(self, agent_id: str, frame: str) -> None:
@@ -164,7 +170,7 @@ class RelaySession:
         self._wake.set()
         if self._queued > QUEUED_PER_AGENT * (len(self.links) + 1):
             log.warning("relay %s is not reading its frames; closing its link", self.relay_id)
-            self.closed = True
+            self.close()
 
     async def send_queued(self) -> None:
         """Forever: send what was queued since the last send (batched by arrival)."""
@@ -279,11 +285,14 @@ async def _relay_hello(host: ConnectionHost, ws: WebSocketConnection) -> RelayHe
     return msg
 
 
-async def serve_relay_link(host: ConnectionHost, ws: WebSocketConnection) -> None:
+async def serve_relay_link(
+    host: ConnectionHost, ws: WebSocketConnection, sessions: set[RelaySession] | None = None
+) -> None:
     """Serve one relay's link on the leader until it closes; never raises (but Cancelled).
 
     Its agents leave the fleet when the link ends (they are *departing*: their leases,
-    renewed with the relay's, run until the leader's sweeper counts them gone).
+    renewed with the relay's, run until the leader's sweeper counts them gone). The session
+    is in `sessions` while it is served (`RelayHub`).
     """
     try:
         hello = await _relay_hello(host, ws)
@@ -307,6 +316,9 @@ async def serve_relay_link(host: ConnectionHost, ws: WebSocketConnection) -> Non
         welcome = RelayWelcome(RELAY_PROTOCOL_VERSION, host.epoch, lease)
         await ws.send_message(encode_relay(welcome))
         async with trio.open_nursery() as nursery:
+            session.scope = nursery.cancel_scope
+            if sessions is not None:
+                sessions.add(session)
 
             async def read() -> None:
                 await _read_relay(session)
@@ -338,6 +350,8 @@ async def serve_relay_link(host: ConnectionHost, ws: WebSocketConnection) -> Non
         log.error("relay link %s failed", hello.relay_id, exc_info=group)
     finally:
         session.closed = True
+        if sessions is not None:
+            sessions.discard(session)
         with trio.CancelScope(shield=True):
             session.left(list(session.links), reason)
             with trio.move_on_after(1):
@@ -443,6 +457,11 @@ class Relay:
         return None  # the leader's Welcome arrives in the agent's outbox
 
     def agent_joined(self, agent_id: str) -> None:
+        if not self.linked:  # unlinked during its handshake: no leader will welcome it
+            link = self.fleet.link(agent_id)
+            if link is not None:
+                link.close("relay: not linked to a leader", code=CLOSE_NOT_LEADER)
+            return
         self._send_up(agent_id, Joined)
 
     def agent_left(self, agent_id: str) -> None:
@@ -641,22 +660,30 @@ def _with_agents(msg: Joined | Left | Answered, agents: list[str]) -> Joined | L
     return type(msg)(agents)
 
 
-def relay_handler(host: ConnectionHost) -> Callable[[WebSocketConnection], Any]:
-    """What `Coordinator.relay_handler` is set to on a leader that accepts relays."""
+class RelayHub:
+    """The leader's relay links: `serve` is `Coordinator.relay_handler`; `close_all` ends
+    them when the term ends, so no relay keeps relaying for a coordinator that stopped
+    leading (each relay then links to the next leader)."""
 
-    async def handle(ws: WebSocketConnection) -> None:
-        await serve_relay_link(host, ws)
+    def __init__(self, host: ConnectionHost) -> None:
+        self.host = host
+        self.sessions: set[RelaySession] = set()
 
-    return handle
+    async def serve(self, ws: WebSocketConnection) -> None:
+        await serve_relay_link(self.host, ws, self.sessions)
+
+    def close_all(self) -> None:
+        for session in list(self.sessions):
+            session.close()
 
 
 __all__ = [
     "LinkLost",
     "Relay",
     "RelayFleet",
+    "RelayHub",
     "RelaySession",
     "RelayedLink",
-    "relay_handler",
     "relay_id_for",
     "serve_relay_link",
 ]

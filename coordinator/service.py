@@ -48,7 +48,7 @@ from coordinator.pg.errors import pg_message
 from coordinator.pg.notify import listen
 from coordinator.pg.thread import query
 from coordinator.queue import CHANNEL, abort_requested, mark_not_run, next_queued
-from coordinator.relay import Relay, relay_handler
+from coordinator.relay import Relay, RelayHub
 from coordinator.server import serve_bounded
 from statemachine.exceptions import AlreadyApplied, unwrap_single_group
 from statemachine.gate import MigrationRejected
@@ -81,6 +81,10 @@ class Service:
         probe_timeout: float,
         relay: Relay | None = None,
     ) -> None:
+        #: The relay links this replica serves while it leads: every leader accepts them
+        #: (authenticated with the fleet secret).
+        self.hub = RelayHub(coordinator)
+        coordinator.relay_handler = self.hub.serve
         self.dsn = dsn
         #: Relays for the leader while this replica stands by (None: sends agents away).
         self.relay = relay
@@ -188,6 +192,7 @@ class Service:
             self._leading = trio.Event()
             self.history.lead_with(None)
             coordinator.drop_agents(CLOSE_NOT_LEADER, "this coordinator stopped leading")
+            self.hub.close_all()
             if self.relay is not None:
                 self.relay.resume()
 
@@ -284,8 +289,6 @@ async def open_service(
         **coordinator_options,
     )
     coordinator.standby_reason = STANDBY
-    # Every leader accepts relay links (authenticated with the fleet secret).
-    coordinator.relay_handler = relay_handler(coordinator)
     with unwrap_single_group():
         async with trio.open_nursery() as nursery:
             handler = _Dispatch()
