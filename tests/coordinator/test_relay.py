@@ -128,14 +128,16 @@ async def test_a_relay_link_needs_the_fleet_secret_and_an_unlinked_relay_sends_a
             with pytest.raises(ConnectionClosed) as closed:
                 while True:
                     await ws.get_message()
-        assert closed.value.reason.code == CLOSE_UNAUTHORIZED
-        assert "fleet secret" in (closed.value.reason.reason or "")
+        reason = closed.value.reason
+        assert reason is not None and reason.code == CLOSE_UNAUTHORIZED
+        assert "fleet secret" in (reason.reason or "")
         assert relay.relay is not None
         relay.relay.pause("test: unlinked")
         async with raw_client(relay.url) as ws:
             with pytest.raises(ConnectionClosed) as closed:
                 await say_hello(ws, "a1")
-        assert closed.value.reason.code == CLOSE_NOT_LEADER
+        reason = closed.value.reason
+        assert reason is not None and reason.code == CLOSE_NOT_LEADER
 
 
 async def test_the_leader_stopping_mid_apply_lets_the_relay_lead_and_finish(dsn: str) -> None:
