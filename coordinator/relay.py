@@ -43,7 +43,7 @@ from coordinator.fleet import AgentLink, DuplicateAgent, Fleet
 from coordinator.leader import LEADER_LOCK_ROWS
 from coordinator.pg import thread as pgthread
 from coordinator.pg.errors import pg_message
-from statemachine.exceptions import unwrap_single_group
+from statemachine.exceptions import LockstepError, unwrap_single_group
 from statemachine.lease import AgentLease, certainly_expired_after, renew_interval
 from statemachine.ledger import AckOutcome
 from statemachine.phases import Phase
@@ -402,7 +402,7 @@ def relay_id_for(url: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.@:\-]", "_", url.split("://", 1)[-1])[:128] or "relay"
 
 
-class LinkLost(Exception):
+class LinkLost(LockstepError):
     """Raised inside `Relay` when its leader link can no longer vouch for its agents (the
     link closed, its lease lapsed, or the leader refused it)."""
 

@@ -5,6 +5,9 @@ processes with a query loop per agent, real PostgreSQL (tests/support/relay_faul
 
 - the relay dies: its agents (given the relay's URL, then the leader's) reconnect to the
   leader, which sends them APPLY again; the migration completes, no query fails;
+- the relay dies and its agents know no other URL: they fence themselves when their lease
+  runs out (requests refused, no query fails); the leader waits their leases out, then
+  finishes the migration;
 - the leader dies: the relay takes the lead (its agents are sent on and come back to it as
   the leader), waits out the dead leader's leases and finishes the migration exactly once.
 """
@@ -20,7 +23,9 @@ from tests.support.relay_faults import CASES, run_relay_case
 pytestmark = pytest.mark.fault
 
 
-@pytest.mark.parametrize("case", ["relay-sigkill-apply", "leader-sigkill-apply"])
+@pytest.mark.parametrize(
+    "case", ["relay-sigkill-apply", "leader-sigkill-apply", "relay-sigkill-stranded"]
+)
 @pytest.mark.parametrize("run", range(2))
 async def test_a_replica_dies_mid_apply(dsn: str, tmp_path: Path, case: str, run: int) -> None:
     outcome = await run_relay_case(dsn, CASES[case], tmp_path)

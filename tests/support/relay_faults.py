@@ -52,6 +52,9 @@ class Case:
     nack: str | None = None
     kill: str | None = None  # "relay" or "leader"
     expect: str = "completed"
+    #: The relayed agents know only the relay's URL, even when it is killed: they cannot
+    #: reconnect, must fence themselves, and the migration waits out their leases.
+    stranded: bool = False
 
 
 CASES = {
@@ -61,6 +64,7 @@ CASES = {
         Case("relayed-nack", nack="on_apply", expect="failed"),
         Case("relay-sigkill-apply", hold="on_apply", kill="relay"),
         Case("leader-sigkill-apply", hold="on_apply", kill="leader"),
+        Case("relay-sigkill-stranded", hold="on_apply", kill="relay", stranded=True),
     )
 }
 
@@ -86,6 +90,21 @@ async def _all_connected(app: AppProcess, timeout: float = 60) -> dict[str, Any]
             await trio.sleep(0.1)
 
 
+def _judge_stranded(outcome: Outcome, report: dict[str, Any]) -> None:
+    """Agents whose only coordinator died: fenced (their requests refused), never a failed
+    query, whatever the schema became meanwhile."""
+    for agent in report["agents"]:
+        outcome.queries_ok += agent["ok"]["old"] + agent["ok"]["new"]
+        outcome.queries_failed += agent["failed_count"]
+        outcome.refused += agent["refused"]
+        if agent["connected"]:
+            outcome.problems.append(f"{agent['id']} is connected to a relay that was killed")
+        if agent["failed_count"]:
+            outcome.problems.append(f"{agent['id']} failed queries: {agent['failed']}")
+    if not outcome.refused:
+        outcome.problems.append("the stranded agents never refused a request: not fenced?")
+
+
 async def run_relay_case(dsn: str, case: Case, workdir: Path) -> Outcome:
     make_users(dsn)
     path = workdir / f"{MIGRATION}.sql"
@@ -104,7 +123,9 @@ async def run_relay_case(dsn: str, case: Case, workdir: Path) -> Outcome:
         await leading(dsn)
         procs[1] = serve(dsn, ports[1], *options, "--relay", output=logs[1])
         await _relay_linked(relay_url)
-        relayed_urls = [relay_url] if case.kill != "relay" else [relay_url, leader_url]
+        relayed_urls = [relay_url]
+        if case.kill == "relay" and not case.stranded:
+            relayed_urls.append(leader_url)
         hooks = [f"--{k}={v}" for k, v in (("hold", case.hold), ("nack", case.nack)) if v]
         apps.append(AppProcess(dsn, [leader_url, relay_url], logs[2], "--id-prefix=direct"))
         apps.append(AppProcess(dsn, relayed_urls, logs[3], "--id-prefix=relayed", *hooks))
@@ -131,10 +152,14 @@ async def run_relay_case(dsn: str, case: Case, workdir: Path) -> Outcome:
             outcome.takeover = time.monotonic() - struck_at
         outcome.status = await final_status(dsn)
         outcome.finished = time.monotonic() - struck_at
-        reports = [await _all_connected(app) for app in apps]
+        judged = apps[:1] if case.stranded else apps
+        for app in judged:
+            await _all_connected(app)
         outcome.agents_back = time.monotonic() - struck_at
         await trio.sleep(0.5)  # the query loops run on the final schema for a while
-        reports = [await app.report() for app in apps]
+        reports = [await app.report() for app in judged]
+        if case.stranded:
+            _judge_stranded(outcome, await apps[1].report())
         merged = {
             "agents": [a for r in reports for a in r["agents"]],
             "calls": [c for r in reports for c in r["calls"]],
