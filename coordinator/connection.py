@@ -16,7 +16,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
@@ -48,6 +48,8 @@ from statemachine.protocol import (
 from statemachine.text import printable
 
 log = logging.getLogger("lockstep.coordinator")
+
+_M = TypeVar("_M")
 
 
 class ConnectionHost(Protocol):
@@ -208,18 +210,26 @@ def _wire_interval(interval: float) -> float:
     return interval if math.isfinite(interval) and interval > 0 else 0.0
 
 
-async def _handshake(coordinator: ConnectionHost, ws: WebSocketConnection) -> Hello:
+async def _first_frame(
+    ws: WebSocketConnection, timeout: float, decode: Callable[[str | bytes], _M], name: str
+) -> _M:
+    """The first frame of a connection, decoded; `_Refused` when it does not come within
+    `timeout` or does not decode. Shared with the relay links' handshake."""
     try:
-        with trio.fail_after(coordinator.handshake_timeout):
+        with trio.fail_after(timeout):
             frame = await ws.get_message()
     except trio.TooSlowError:
         raise _Refused(
-            CLOSE_HANDSHAKE_TIMEOUT, "handshake_timeout", "no hello within the handshake timeout"
+            CLOSE_HANDSHAKE_TIMEOUT, "handshake_timeout", f"no {name} within the handshake timeout"
         ) from None
     try:
-        msg = _decode(frame)
+        return decode(frame)
     except ProtocolError as exc:
         raise _Refused(CLOSE_PROTOCOL_ERROR, exc.code, exc.message) from None
+
+
+async def _handshake(coordinator: ConnectionHost, ws: WebSocketConnection) -> Hello:
+    msg = await _first_frame(ws, coordinator.handshake_timeout, _decode, "hello")
     if not isinstance(msg, Hello):
         raise _Refused(
             CLOSE_PROTOCOL_ERROR, "expected_hello", f"the first frame must be hello, got {msg!r}"

@@ -20,6 +20,7 @@ another URL or to this relay once it linked again.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import re
@@ -37,7 +38,14 @@ from trio_websocket import (
 )
 
 from coordinator.admission import Ticket
-from coordinator.connection import ConnectionHost, route_answer, serve_connection
+from coordinator.connection import (
+    ConnectionHost,
+    _first_frame,
+    _refuse,
+    _Refused,  # the same refusal as an agent's handshake: an error frame, then the close
+    route_answer,
+    serve_connection,
+)
 from coordinator.events import AgentJoined, AgentLeft, EventBus
 from coordinator.fleet import AgentLink, DuplicateAgent, Fleet
 from coordinator.leader import LEADER_LOCK_ROWS
@@ -49,7 +57,6 @@ from statemachine.ledger import AckOutcome
 from statemachine.phases import Phase
 from statemachine.protocol import (
     CLOSE_DUPLICATE_AGENT,
-    CLOSE_HANDSHAKE_TIMEOUT,
     CLOSE_NOT_LEADER,
     CLOSE_PROTOCOL_ERROR,
     CLOSE_UNAUTHORIZED,
@@ -245,39 +252,21 @@ class RelaySession:
         self._count()
 
 
-class _RelayRefused(Exception):
-    def __init__(self, close_code: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.close_code = close_code
-        self.code = code
-        self.message = message
-
-
 async def _relay_hello(host: ConnectionHost, ws: WebSocketConnection) -> RelayHello:
-    try:
-        with trio.fail_after(host.handshake_timeout):
-            frame = await ws.get_message()
-    except trio.TooSlowError:
-        raise _RelayRefused(
-            CLOSE_HANDSHAKE_TIMEOUT, "handshake_timeout", "no relay_hello within the timeout"
-        ) from None
-    try:
-        msg = decode_relay_up(frame)
-    except ProtocolError as exc:
-        raise _RelayRefused(CLOSE_PROTOCOL_ERROR, exc.code, exc.message) from None
+    msg = await _first_frame(ws, host.handshake_timeout, decode_relay_up, "relay_hello")
     if not isinstance(msg, RelayHello):
-        raise _RelayRefused(
+        raise _Refused(
             CLOSE_PROTOCOL_ERROR, "expected_relay_hello", "the first frame must be relay_hello"
         )
     if msg.protocol != RELAY_PROTOCOL_VERSION:
-        raise _RelayRefused(
+        raise _Refused(
             CLOSE_VERSION_MISMATCH,
             "version_mismatch",
             f"relay protocol {msg.protocol} is not supported; "
             f"this coordinator speaks {RELAY_PROTOCOL_VERSION}",
         )
     if not relay_hello_ok(host.token, msg.token):
-        raise _RelayRefused(
+        raise _Refused(
             CLOSE_UNAUTHORIZED,
             "unauthorized",
             f"relay {msg.relay_id}: a relay must present the fleet secret itself",
@@ -296,15 +285,10 @@ async def serve_relay_link(
     """
     try:
         hello = await _relay_hello(host, ws)
-    except _RelayRefused as refused:
+    except _Refused as refused:
         log.warning("refused a relay link: %s", printable(refused.message, limit=300))
-        with trio.move_on_after(2):
-            try:
-                error = Error(code=refused.code, message=refused.message, fatal=True)
-                await ws.send_message(encode(error))
-                await ws.aclose(refused.close_code, refused.message[:120])
-            except ConnectionClosed:
-                pass
+        with contextlib.suppress(Exception):
+            await _refuse(ws, refused)
         return
     except ConnectionClosed:
         return

@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 
-import psycopg
 import pytest
 import trio
 from trio_websocket import ConnectionClosed
@@ -23,7 +22,7 @@ from coordinator.service import Service, open_service
 from statemachine import Migration, Phase
 from statemachine.protocol import CLOSE_NOT_LEADER, CLOSE_UNAUTHORIZED
 from statemachine.relay import RELAY_PATH, RELAY_PROTOCOL_VERSION, RelayHello, encode_relay
-from tests.support.flow import columns, make_users, raw_client, say_hello
+from tests.support.flow import columns, history, make_users, raw_client, say_hello
 
 LEASE = 2.0
 FAST = {
@@ -45,11 +44,7 @@ def _migration(name: str = "add_email") -> Migration:
 
 
 def _status(dsn: str, name: str) -> str | None:
-    with psycopg.connect(dsn) as conn:
-        row = conn.execute(
-            "SELECT status FROM lockstep.migrations WHERE name = %s", (name,)
-        ).fetchone()
-    return None if row is None else str(row[0])
+    return next((str(row["status"]) for row in history(dsn) if row["name"] == name), None)
 
 
 async def _until(predicate: object, timeout: float = 20) -> None:

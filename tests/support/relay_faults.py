@@ -33,6 +33,7 @@ from tests.support.failover import (
     final_status,
     leader_epoch,
     new_leader,
+    stop_coordinators,
     tracebacks,
 )
 from tests.support.flow import make_users, raw_client, say_hello
@@ -170,13 +171,7 @@ async def run_relay_case(dsn: str, case: Case, workdir: Path) -> Outcome:
     finally:
         for app in apps:
             await app.quit()
-        for survivor in procs:
-            if survivor is not None and survivor.poll() is None:
-                survivor.send_signal(signal.SIGTERM)
-                try:
-                    await trio.to_thread.run_sync(survivor.wait, 30)
-                except subprocess.TimeoutExpired:
-                    outcome.problems.append("a coordinator did not stop on SIGTERM")
+        await stop_coordinators(outcome, *procs)
         reap(*procs, *(app.proc for app in apps))
         texts = []
         for log in logs:
