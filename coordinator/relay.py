@@ -83,6 +83,7 @@ from statemachine.relay import (
     chunks,
     decode_relay_down,
     decode_relay_up,
+    deliver_room,
     encode_relay,
     relay_grant_seconds,
     relay_hello_ok,
@@ -187,7 +188,8 @@ class RelaySession:
             queue, self._queue, self._queued = self._queue, [], 0
             for item in queue:
                 if isinstance(item, _Batch):
-                    for ids in chunks(item.agents):
+                    room = deliver_room(item.frame)
+                    for ids in chunks(item.agents, room):
                         await self.ws.send_message(encode_relay(Deliver(item.frame, ids)))
                 else:
                     await self.ws.send_message(encode_relay(item))

@@ -13,7 +13,7 @@ leader would (agents need no change) and holds one WebSocket to the leader, on t
 
 Why batched lists of agent ids: the leader's per-agent cost for a relayed agent is then a few
 dictionary operations, and the WebSocket framing, JSON parsing and per-connection tasks of
-each agent are the relay's. Lists are cut to `MAX_IDS_PER_FRAME` so a frame stays below
+each agent are the relay's. Lists are cut to size (`chunks`) so a frame stays below
 `MAX_RELAY_FRAME_BYTES` whatever the ids' lengths.
 
 The lease rule (`relay_grant_seconds`): a relay grants its agents only lease time it holds
@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import hmac
 from collections.abc import Iterator, Sequence
-from typing import Annotated, Final, TypeVar
+from typing import Annotated, Final
 
 import msgspec
 
@@ -43,12 +43,20 @@ from statemachine.protocol import (
 RELAY_PATH: Final = "/relay"
 #: Incompatible changes of the relay frames change it; a leader refuses other versions.
 RELAY_PROTOCOL_VERSION: Final = 1
-#: Agent ids per list in one frame: 2,000 ids of at most 128 characters stay under 300 kB.
-MAX_IDS_PER_FRAME: Final = 2000
-#: Largest relay frame accepted. Larger than an agent's (`MAX_FRAME_BYTES`, 64 kB) because a
-#: relay frame carries lists of ids and whole agent frames; the peer is authenticated after
-#: the first frame, which is small.
-MAX_RELAY_FRAME_BYTES: Final = 1024 * 1024
+#: Largest relay frame accepted: below the 128 KiB WebSocket message limit of the leader's
+#: listening socket (`coordinator.admission.ConnectionLimits.max_message_bytes`), which
+#: would close the link (1009) before the decoder could say why. Larger than an agent's
+#: (`MAX_FRAME_BYTES`, 64 kB) because a relay frame carries lists of ids and whole agent
+#: frames; the peer is authenticated after the first frame, which is small.
+MAX_RELAY_FRAME_BYTES: Final = 120 * 1024
+#: Largest frame a relay accepts from the leader: trio-websocket's default message limit of
+#: a client (1 MiB). Lists of ids are cut to `MAX_RELAY_FRAME_BYTES` both ways; only a
+#: `Deliver` of one large agent frame (a Welcome listing many migrations) needs more.
+MAX_DOWN_FRAME_BYTES: Final = 1024 * 1024
+#: Room a frame needs besides its list of ids (type, other fields, brackets).
+FRAME_OVERHEAD: Final = 1024
+#: Agent ids per list, at most (the lists are cut by size first: `chunks`).
+MAX_IDS_PER_FRAME: Final = 10_000
 #: A relay grants no lease shorter than this: a grant of 0 would read "no leases" to an
 #: agent, so a relay whose own lease is about to lapse grants an instant instead.
 MIN_GRANT_SECONDS: Final = 0.001
@@ -56,7 +64,7 @@ MIN_GRANT_SECONDS: Final = 0.001
 RelayId = AgentId
 AgentIds = Annotated[list[AgentId], msgspec.Meta(max_length=MAX_IDS_PER_FRAME)]
 #: A whole agent frame inside a `Deliver` (agent frames are at most 64 kB).
-AgentFrame = Annotated[str, msgspec.Meta(max_length=64 * 1024)]
+AgentFrame = Annotated[str, msgspec.Meta(max_length=MAX_DOWN_FRAME_BYTES // 2)]
 
 
 class _RelayMessage(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag_field="type"):
@@ -158,7 +166,7 @@ def decode_relay_up(frame: str | bytes) -> RelayUpMessage:
 
 def decode_relay_down(frame: str | bytes) -> RelayDownMessage:
     """Parse a frame the leader sent to a relay; `ProtocolError` otherwise."""
-    msg = decode_frame(_down_decoder, frame, DOWN_TYPES, max_bytes=MAX_RELAY_FRAME_BYTES)
+    msg = decode_frame(_down_decoder, frame, DOWN_TYPES, max_bytes=MAX_DOWN_FRAME_BYTES)
     assert isinstance(msg, RelayWelcome | Deliver | Drop | RelayGrant)
     return msg
 
@@ -167,15 +175,29 @@ def encode_relay(message: _RelayMessage) -> str:
     return _encoder.encode(message).decode()
 
 
-_T = TypeVar("_T")
+def chunks(agents: Sequence[str], room: int = 0) -> Iterator[list[str]]:
+    """`agents` cut into lists, in order, each small enough for one frame that also holds
+    `room` bytes of other content (a `Deliver`'s agent frame): by their JSON size (ids are
+    ASCII: each costs its length plus quotes and a comma) and `MAX_IDS_PER_FRAME`. Yields
+    nothing for no agents."""
+    budget = max(MAX_RELAY_FRAME_BYTES - FRAME_OVERHEAD - room, 256)
+    batch: list[str] = []
+    size = 0
+    for agent_id in agents:
+        cost = len(agent_id) + 3
+        if batch and (size + cost > budget or len(batch) >= MAX_IDS_PER_FRAME):
+            yield batch
+            batch, size = [], 0
+        batch.append(agent_id)
+        size += cost
+    if batch:
+        yield batch
 
 
-def chunks(items: Sequence[_T], size: int = MAX_IDS_PER_FRAME) -> Iterator[list[_T]]:
-    """`items` cut into lists of at most `size`, in order (none for no items)."""
-    if not items:
-        return
-    for start in range(0, len(items), size):
-        yield list(items[start : start + size])
+def deliver_room(frame: str) -> int:
+    """What an agent frame costs inside a `Deliver`: its UTF-8 bytes, plus the escaping of
+    its quotes and backslashes as a JSON string."""
+    return len(frame.encode()) + frame.count('"') + frame.count("\\") + 2
 
 
 def relay_hello_ok(secret: str | None, presented: str | None) -> bool:
@@ -203,6 +225,8 @@ def relay_grant_seconds(lease_seconds: float, relay_valid_until: float, now: flo
 
 __all__ = [
     "DOWN_TYPES",
+    "FRAME_OVERHEAD",
+    "MAX_DOWN_FRAME_BYTES",
     "MAX_IDS_PER_FRAME",
     "MAX_RELAY_FRAME_BYTES",
     "MIN_GRANT_SECONDS",
@@ -225,6 +249,7 @@ __all__ = [
     "chunks",
     "decode_relay_down",
     "decode_relay_up",
+    "deliver_room",
     "encode_relay",
     "relay_grant_seconds",
     "relay_hello_ok",

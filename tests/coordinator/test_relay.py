@@ -15,13 +15,20 @@ import trio
 from trio_websocket import ConnectionClosed
 
 from agent import Agent, MigrationInfo, open_agent
+from coordinator.admission import ConnectionLimits
 from coordinator.events import AnswerReceived, Event
 from coordinator.queue import submit
 from coordinator.relay import RelayedLink
 from coordinator.service import Service, open_service
 from statemachine import Migration, Phase
 from statemachine.protocol import CLOSE_NOT_LEADER, CLOSE_UNAUTHORIZED
-from statemachine.relay import RELAY_PATH, RELAY_PROTOCOL_VERSION, RelayHello, encode_relay
+from statemachine.relay import (
+    MAX_RELAY_FRAME_BYTES,
+    RELAY_PATH,
+    RELAY_PROTOCOL_VERSION,
+    RelayHello,
+    encode_relay,
+)
 from tests.support.flow import columns, history, make_users, raw_client, say_hello
 
 LEASE = 2.0
@@ -64,6 +71,10 @@ async def _replicas(dsn: str, **options: object) -> AsyncIterator[tuple[Service,
             assert relay.relay is not None
             await _until(lambda: relay.relay is not None and relay.relay.linked, 10)
             yield leader, relay
+
+
+def test_relay_frames_fit_the_leaders_websocket_message_limit() -> None:
+    assert ConnectionLimits().max_message_bytes > MAX_RELAY_FRAME_BYTES
 
 
 async def test_relayed_agents_are_the_leaders_cohort_and_the_migration_completes(

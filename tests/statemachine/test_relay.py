@@ -26,6 +26,7 @@ from statemachine.relay import (
     chunks,
     decode_relay_down,
     decode_relay_up,
+    deliver_room,
     encode_relay,
     relay_grant_seconds,
     relay_hello_ok,
@@ -64,22 +65,29 @@ def test_a_bad_frame_from_a_relay_is_a_precise_protocol_error(frame: str, code: 
     assert raised.value.code == code
 
 
-def test_id_lists_and_frames_are_bounded() -> None:
+def test_id_lists_are_bounded_and_cut_to_fit_a_frame() -> None:
     too_many = encode_relay(Joined([f"a{i}" for i in range(MAX_IDS_PER_FRAME + 1)]))
     with pytest.raises(ProtocolError, match="invalid message"):
         decode_relay_up(too_many)
     with pytest.raises(ProtocolError, match="exceeds"):
         decode_relay_up("x" * (MAX_RELAY_FRAME_BYTES + 1))
-    # Full lists of the longest ids still fit in a frame.
-    longest = Joined(["a" * 128] * MAX_IDS_PER_FRAME)
-    assert len(encode_relay(longest)) < MAX_RELAY_FRAME_BYTES
-    assert decode_relay_up(encode_relay(longest)) == longest
+    longest = [f"{i:0128d}" for i in range(3000)]
+    cut = list(chunks(longest))
+    assert len(cut) > 1 and [a for part in cut for a in part] == longest
+    for part in cut:
+        frame = encode_relay(Answered("m" * 128, Phase.APPLY, part))
+        assert len(frame.encode()) <= MAX_RELAY_FRAME_BYTES
+        assert decode_relay_up(frame) == Answered("m" * 128, Phase.APPLY, part)
+    # A Deliver holds a large agent frame (quotes escaped) and as many ids as still fit.
+    welcome = encode(PhaseNotice("m1", 'a "quoted" é name ' * 900, Phase.APPLY, True, 30.0))
+    for part in chunks(longest, deliver_room(welcome)):
+        assert len(encode_relay(Deliver(welcome, part)).encode()) <= MAX_RELAY_FRAME_BYTES
 
 
-def test_chunks_keep_order_and_size() -> None:
+def test_chunks_keep_order() -> None:
     ids = [str(i) for i in range(5)]
-    assert list(chunks(ids, 2)) == [["0", "1"], ["2", "3"], ["4"]]
-    assert list(chunks([], 2)) == []
+    assert list(chunks(ids)) == [ids]
+    assert list(chunks([])) == []
 
 
 def test_a_relay_link_needs_the_fleet_secret_itself() -> None:
