@@ -8,6 +8,10 @@ For each fleet size N, in a fresh database each time, two setups in the same run
 - *replicas*: one ``lockstep serve`` leader and R-1 ``lockstep serve --relay`` replicas,
   the N agents split evenly, each agent given only its own replica's URL.
 
+Each coordinator process runs `open_service` as ``lockstep serve`` does (``python -m
+tests.bench.fleet_replicas``), with the per-address cap on handshakes in progress lifted as
+bench-fleet does: every agent connects from 127.0.0.1.
+
 The agents are real `open_agent` agents in `--workers` processes per replica
 (`tests.bench.fleet_procs`). Each setup runs `--repeat` trivial additive migrations
 (``lockstep submit``, then waiting for the history to say completed and for the CONFIRM
@@ -24,27 +28,34 @@ did not complete.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import statistics
+import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
+from typing import IO
 
 import psycopg
 import trio
 from rich.console import Console
 from rich.table import Table
 
+from coordinator.admission import ConnectionLimits
 from coordinator.cli.embedded import resolve_dsn
 from coordinator.queue import submit
+from coordinator.service import open_service
 from statemachine import Migration
 from tests.bench import scaffold
 from tests.bench.markdown import table as markdown_table
-from tests.support.processes import free_port, reap, serve
+from tests.support.processes import free_port, reap
 from tests.support.scratchdb import fresh_database
 
+ROOT = Path(__file__).resolve().parents[2]
 BEGIN_MARK = "<!-- bench-fleet-replicas:begin -->"
 END_MARK = "<!-- bench-fleet-replicas:end -->"
 SECTION_TITLE = "## Fleet scale over relaying replicas"
@@ -76,6 +87,55 @@ class ReplicaRow:
     def busy_cpu_s(self) -> float:
         """CPU per migration less what the process spends idle over as long."""
         return self.cpu_s - self.idle_cpu * self.migration_s
+
+
+def _serve(dsn: str, port: int, *extra: str, output: IO[str]) -> subprocess.Popen[str]:
+    """A coordinator process: `serve_main` below (``lockstep serve`` with bench limits)."""
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tests.bench.fleet_replicas",
+            "--dsn",
+            dsn,
+            "--port",
+            str(port),
+            *extra,
+        ],
+        stdout=output,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        cwd=ROOT,
+    )
+
+
+async def _serve_forever(args: argparse.Namespace) -> None:
+    # Every benchmark agent connects from 127.0.0.1 at once: lift the per-address cap on
+    # handshakes in progress that protects a real coordinator from floods (as bench-fleet).
+    limits = ConnectionLimits(max_pending=100_000, max_pending_per_address=100_000)
+    async with open_service(
+        args.dsn,
+        port=args.port,
+        ack_timeout=120.0,
+        poll_interval=0.5,
+        http_port=args.http_port,
+        relay=args.relay,
+        limits=limits,
+    ):
+        await trio.sleep_forever()
+
+
+def serve_main(argv: Sequence[str] | None = None) -> int:
+    """`lockstep serve` as the benchmark runs it: the same `open_service`, bench limits."""
+    p = argparse.ArgumentParser(prog="python -m tests.bench.fleet_replicas")
+    p.add_argument("--dsn", required=True)
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--http-port", type=int)
+    p.add_argument("--relay", action="store_true")
+    with contextlib.suppress(KeyboardInterrupt):
+        trio.run(_serve_forever, p.parse_args(argv))
+    return 0
 
 
 def process_cpu(pid: int) -> float:
@@ -122,13 +182,10 @@ async def _run_setup(
         procs = []
         workers: list[_Child] = []
         try:
-            options = ("--ack-timeout", "120", "--lease", "15", "--poll-interval", "0.5")
-            procs.append(
-                serve(dsn, ports[0], *options, "--http-port", str(http_port), output=logs[0])
-            )
+            procs.append(_serve(dsn, ports[0], "--http-port", str(http_port), output=logs[0]))
             await _wait_up(http_port)
             for port, log in zip(ports[1:], logs[1:], strict=True):
-                procs.append(serve(dsn, port, *options, "--relay", output=log))
+                procs.append(_serve(dsn, port, "--relay", output=log))
             await trio.sleep(2.0)  # the relays link (they poll for the leader's URL)
             shares = _split(agents, replicas)
             for index, (port, share) in enumerate(zip(ports, shares, strict=True)):
@@ -280,7 +337,7 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
             server,
             time.monotonic() - started,
             f"{args.repeat} migrations per setup, {args.workers} agent processes per replica,"
-            " each coordinator a `lockstep serve` process",
+            " each coordinator an `open_service` process (bench connection limits)",
         )
     console.print(table(rows))
     lines = markdown_table(_HEADERS, _all_cells(rows))
@@ -289,3 +346,7 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
         console.print("[bold red]a migration did not complete[/]")
         return 1
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(serve_main())
