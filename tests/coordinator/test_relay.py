@@ -18,7 +18,7 @@ from agent import Agent, MigrationInfo, open_agent
 from coordinator.admission import ConnectionLimits
 from coordinator.events import AnswerReceived, Event
 from coordinator.queue import submit
-from coordinator.relay import RelayedLink
+from coordinator.relay import Relay, RelayedLink
 from coordinator.service import Service, open_service
 from statemachine import Migration, Phase
 from statemachine.protocol import CLOSE_NOT_LEADER, CLOSE_UNAUTHORIZED
@@ -29,6 +29,7 @@ from statemachine.relay import (
     RelayHello,
     encode_relay,
 )
+from tests.support.failover import terminate_lock_session
 from tests.support.flow import columns, history, make_users, raw_client, say_hello
 
 LEASE = 2.0
@@ -182,3 +183,30 @@ async def test_the_leader_stopping_mid_apply_lets_the_relay_lead_and_finish(dsn:
                 assert r1.is_applied("add_email")
                 assert relay.relay.links_made >= 1 and not relay.relay.linked
     assert "name" not in columns(dsn)
+
+
+async def test_a_leader_that_loses_its_lock_closes_its_relay_links(dsn: str) -> None:
+    """A relay that cannot lead itself (a bare `Relay`): when the leader's term ends, its
+    link must end too, and the relay links again under the next term's epoch."""
+    async with open_service(dsn, **FAST) as leader:  # type: ignore[arg-type]
+        await leader.wait_until_leader()
+        first_epoch = leader.epoch()
+        relay = Relay(
+            dsn,
+            url="ws://127.0.0.1:1",
+            token=None,
+            shared_token=False,
+            handshake_timeout=5.0,
+            heartbeat_interval=0.0,
+            lease_seconds=LEASE,
+            poll_interval=0.05,
+        )
+        async with trio.open_nursery() as nursery:
+            await nursery.start(relay.run)
+            await _until(lambda: relay.linked, 10)
+            assert relay.epoch == first_epoch and len(leader.hub.sessions) == 1
+            await trio.to_thread.run_sync(terminate_lock_session, dsn)
+            await _until(lambda: leader.epoch() > first_epoch, 15)
+            await _until(lambda: relay.linked and relay.epoch == leader.epoch(), 15)
+            assert relay.links_made == 2 and len(leader.hub.sessions) == 1
+            nursery.cancel_scope.cancel()
