@@ -8,6 +8,7 @@ processes with a query loop per agent, real PostgreSQL (tests/support/relay_faul
 - the relay dies and its agents know no other URL: they fence themselves when their lease
   runs out (requests refused, no query fails); the leader waits their leases out, then
   finishes the migration;
+- a relayed agent NACKs APPLY: the migration rolls back, the schema is the original;
 - the leader dies: the relay takes the lead (its agents are sent on and come back to it as
   the leader), waits out the dead leader's leases and finishes the migration exactly once.
 """
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.failover import Outcome
 from tests.support.relay_faults import CASES, run_relay_case
 
 pytestmark = pytest.mark.fault
@@ -28,10 +30,20 @@ pytestmark = pytest.mark.fault
 )
 @pytest.mark.parametrize("run", range(2))
 async def test_a_replica_dies_mid_apply(dsn: str, tmp_path: Path, case: str, run: int) -> None:
+    outcome = await _run(dsn, case, tmp_path)
+    assert outcome.status == "completed" and outcome.schema == "contracted"
+
+
+async def test_a_relayed_agents_nack_rolls_back_across_processes(dsn: str, tmp_path: Path) -> None:
+    outcome = await _run(dsn, "relayed-nack", tmp_path)
+    assert outcome.status == "failed" and outcome.schema == "original"
+
+
+async def _run(dsn: str, case: str, tmp_path: Path) -> Outcome:
     outcome = await run_relay_case(dsn, CASES[case], tmp_path)
     print(outcome)
     for name, text in outcome.logs.items():
         print(f"--- {name}\n{text}")
     assert outcome.ok, outcome.problems
-    assert outcome.status == "completed" and outcome.schema == "contracted"
     assert outcome.queries_ok > 0 and outcome.queries_failed == 0
+    return outcome
