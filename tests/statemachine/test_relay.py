@@ -5,6 +5,8 @@ Plain calls with explicit clock values; no sleeping, no wall clock.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -13,9 +15,11 @@ from statemachine.lease import AgentLease, LeaseTable, certainly_expired_after
 from statemachine.phases import Phase
 from statemachine.protocol import PhaseNotice, ProtocolError, encode
 from statemachine.relay import (
+    DOWN_TYPES,
     MAX_IDS_PER_FRAME,
     MAX_RELAY_FRAME_BYTES,
     MIN_GRANT_SECONDS,
+    UP_TYPES,
     Answered,
     Deliver,
     Drop,
@@ -142,3 +146,17 @@ def test_a_relayed_agent_fences_before_the_leader_counts_it_gone(
     agent_end_real = agent.valid_until / agent_rate
     assert agent_end_real < deadline
     assert deadline == pytest.approx(link_delay + certainly_expired_after(lease))
+
+
+def test_every_relay_frame_in_protocol_md_decodes() -> None:
+    """docs/protocol.md's relay examples (one frame a line) are frames the decoders accept,
+    and they show every relay message."""
+    text = (Path(__file__).resolve().parents[2] / "docs" / "protocol.md").read_text()
+    section = text[text.index("## Relay frames") : text.index("## Versioning")]
+    lines = [line for line in section.splitlines() if line.startswith('{"type"')]
+    seen = set()
+    for line in lines:
+        tag = line.split('"')[3]
+        decode = decode_relay_up if tag in UP_TYPES else decode_relay_down
+        seen.add(type(decode(line)).__name__)
+    assert len(seen) == len(UP_TYPES) + len(DOWN_TYPES) == len(lines)
