@@ -368,11 +368,20 @@ async def _read_relay(session: RelaySession) -> None:
 
 # ------------------------------------------------------------------- the relay's side
 class RelayFleet(Fleet):
-    """The relay's registry of its agents: grants only within the relay's own lease."""
+    """The relay's registry of its agents: grants only within the relay's own lease, and
+    only to agents announced to the leader of the current link.
+
+    Why the second rule: an agent announced on an earlier link is unknown to the leader of
+    this one (which therefore does not hold its lease); the unlink closes such agents, and
+    until their connections are gone a renewal from one must not be granted.
+    """
 
     def __init__(self, lease_seconds: float, lease: AgentLease) -> None:
         super().__init__(lease_seconds)
         self.own_lease = lease
+        #: Which link (`Relay.links_made`) each agent was announced on, and the current one.
+        self.announced_on: dict[str, int] = {}
+        self.link_number = 0
 
     @property
     def lease_seconds(self) -> float:
@@ -380,7 +389,11 @@ class RelayFleet(Fleet):
         return relay_grant_seconds(seconds, self.own_lease.valid_until, trio.current_time())
 
     def grant(self, agent_id: str) -> bool:
-        return self.own_lease.valid(trio.current_time()) and super().grant(agent_id)
+        return (
+            self.announced_on.get(agent_id) == self.link_number
+            and self.own_lease.valid(trio.current_time())
+            and super().grant(agent_id)
+        )
 
 
 def relay_id_for(url: str) -> str:
@@ -422,7 +435,8 @@ class Relay:
         self.heartbeat_interval = heartbeat_interval
         self.poll_interval = poll_interval
         self.own_lease = AgentLease()
-        self.fleet: Fleet = RelayFleet(lease_seconds, self.own_lease)
+        self.relay_fleet = RelayFleet(lease_seconds, self.own_lease)
+        self.fleet: Fleet = self.relay_fleet
         self.events = EventBus()
         #: The leader's epoch, from its RelayWelcome (0: not linked).
         self.epoch = 0
@@ -448,9 +462,11 @@ class Relay:
             if link is not None:
                 link.close("relay: not linked to a leader", code=CLOSE_NOT_LEADER)
             return
+        self.relay_fleet.announced_on[agent_id] = self.links_made
         self._send_up(agent_id, Joined)
 
     def agent_left(self, agent_id: str) -> None:
+        self.relay_fleet.announced_on.pop(agent_id, None)
         self._send_up(agent_id, Left)
 
     def is_active_migration(self, migration_id: str) -> bool:
@@ -585,8 +601,9 @@ class Relay:
             self.own_lease.welcomed(welcome.lease_seconds, sent)
             self.epoch = welcome.epoch
             self._up = []
-            self.linked = True
             self.links_made += 1
+            self.relay_fleet.link_number = self.links_made
+            self.linked = True
             log.info("relay: linked to the leader at %s (epoch %d)", url, welcome.epoch)
             with unwrap_single_group():
                 async with trio.open_nursery() as nursery:

@@ -17,10 +17,12 @@ from trio_websocket import ConnectionClosed
 from agent import Agent, MigrationInfo, open_agent
 from coordinator.admission import ConnectionLimits
 from coordinator.events import AnswerReceived, Event
+from coordinator.fleet import AgentLink
 from coordinator.queue import submit
-from coordinator.relay import Relay, RelayedLink
+from coordinator.relay import Relay, RelayedLink, RelayFleet
 from coordinator.service import Service, open_service
 from statemachine import Migration, Phase
+from statemachine.lease import AgentLease
 from statemachine.protocol import CLOSE_NOT_LEADER, CLOSE_UNAUTHORIZED
 from statemachine.relay import (
     MAX_RELAY_FRAME_BYTES,
@@ -210,3 +212,22 @@ async def test_a_leader_that_loses_its_lock_closes_its_relay_links(dsn: str) -> 
             await _until(lambda: relay.linked and relay.epoch == leader.epoch(), 15)
             assert relay.links_made == 2 and len(leader.hub.sessions) == 1
             nursery.cancel_scope.cancel()
+
+
+async def test_a_relay_grants_only_within_its_lease_and_to_agents_of_its_current_link() -> None:
+    lease = AgentLease()
+    fleet = RelayFleet(LEASE, lease)
+    send, _receive = trio.open_memory_channel[str](1)
+    fleet.add(AgentLink("a1", "test", 0.0, send))
+    fleet.link_number = fleet.announced_on["a1"] = 1
+    assert not fleet.grant("a1"), "granted without a lease of its own"
+    now = trio.current_time()
+    lease.welcomed(LEASE, now)
+    assert fleet.grant("a1")
+    assert 0 < fleet.lease_seconds <= LEASE
+    fleet.link_number = 2  # relinked: a1 was announced to the previous link's leader
+    assert not fleet.grant("a1"), "granted a lease the new leader does not know of"
+    fleet.announced_on["a1"] = 2
+    assert fleet.grant("a1")
+    lease.lapse()
+    assert not fleet.grant("a1")
