@@ -35,7 +35,7 @@ from agent.errors import (
     MissingExtra,
     StaleLeader,
 )
-from agent.session import AgentSession, HookFn, MigrationInfo, ResyncStep
+from agent.session import LEAVE_DRAIN, AgentSession, HookFn, MigrationInfo, ResyncStep
 from statemachine.lease import DEFAULT_LEASE_SECONDS
 from statemachine.protocol import MAX_FRAME_BYTES, PhaseNotice, Welcome
 
@@ -74,6 +74,8 @@ class AsyncioAgent(AgentSession):
             has_durable=has_durable,
         )
         self.disconnected = asyncio.Event()
+        #: The live connection, so that leaving (`open_asyncio_agent`'s exit) can release.
+        self.link: ClientConnection | None = None
 
     async def handshake(self, ws: ClientConnection, token: str | None = None) -> Welcome:
         try:
@@ -221,7 +223,11 @@ async def _connect_once(
             except TimeoutError:
                 raise HandshakeRejected("timeout", "no welcome from the coordinator") from None
             on_joined()
-            await agent.serve_leased(ws)
+            agent.link = ws
+            try:
+                await agent.serve_leased(ws)
+            finally:
+                agent.link = None
     except (HandshakeRejected, StaleLeader):
         raise
     except (OSError, InvalidHandshake, TimeoutError) as exc:
@@ -342,12 +348,37 @@ async def open_asyncio_agent(
             booted.add_done_callback(functools.partial(_log_late_boot_failure, agent_id))
         yield agent
     finally:
-        agent.leaving = True  # fenced from here on: the app is stopping
+        await _leave(agent)  # fenced from here on: the app is stopping
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
         if booted.done() and not booted.cancelled():
             booted.exception()  # retrieved: no "exception was never retrieved" warning
+
+
+async def _leave(agent: AsyncioAgent) -> None:
+    """Stop serving; `Release` once nothing is in flight (as `agent.client`'s leave does),
+    then the task's cancellation closes the connection. Bounded."""
+    agent.stop_serving()
+    ws = agent.link
+    if ws is None:
+        return
+    loop = asyncio.get_running_loop()
+    idle = asyncio.Event()
+    drained = True
+
+    def wake() -> None:
+        loop.call_soon_threadsafe(idle.set)
+
+    if agent.inflight.when_idle(wake):
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(LEAVE_DRAIN):
+                await idle.wait()
+        drained = idle.is_set()
+    if drained:
+        with contextlib.suppress(ConnectionClosed, OSError, TimeoutError):
+            async with asyncio.timeout(0.5):
+                await ws.send(agent.release_frame())
 
 
 def _log_late_boot_failure(agent_id: str, booted: asyncio.Future[None]) -> None:

@@ -41,7 +41,7 @@ from agent.errors import (
     CoordinatorUnreachable,
     HandshakeRejected,
 )
-from agent.session import AgentSession, HookFn, MigrationInfo, ResyncStep
+from agent.session import LEAVE_DRAIN, AgentSession, HookFn, MigrationInfo, ResyncStep
 from statemachine.exceptions import unwrap_single_group
 from statemachine.lease import DEFAULT_LEASE_SECONDS
 from statemachine.protocol import PhaseNotice, Welcome
@@ -405,20 +405,42 @@ async def open_agent(
             booted.set()
             if failed and not isinstance(failed[0], RuntimeError):
                 raise failed[0]
-            yield agent
-            await _leave(agent)
+            try:
+                yield agent
+            finally:
+                # Also when the app's scope is cancelled or it raised: it stopped serving.
+                with trio.CancelScope(shield=True):
+                    await _leave(agent)
             nursery.cancel_scope.cancel()
 
 
 async def _leave(agent: Agent) -> None:
-    """Close the connection with "going away" so the coordinator sees a clean departure;
-    bounded, so stopping an app never waits on a slow or vanished coordinator."""
-    agent.leaving = True
+    """Stop serving, then close the connection with "going away".
+
+    When no `using` block is left in flight (waited for up to `LEAVE_DRAIN` seconds) the
+    agent first sends `Release`, so the coordinator counts it departed at once instead of
+    holding the phase until its lease certainly expired (what a rolling restart needs).
+    Bounded, so stopping an app never waits on a slow or vanished coordinator."""
+    agent.stop_serving()
     link = agent.link
     if link is None:
         return
+    drained = await _drained(agent, LEAVE_DRAIN)
     with trio.move_on_after(0.5), contextlib.suppress(ConnectionClosed, OSError):
+        if drained:
+            await link.send_message(agent.release_frame())
         await link.aclose(1001, "agent stopping")
+
+
+async def _drained(agent: Agent, timeout: float) -> bool:
+    """Whether nothing is in flight, waiting up to `timeout` seconds for that."""
+    idle = trio.Event()
+    token = trio.lowlevel.current_trio_token()
+    if not agent.inflight.when_idle(lambda: token.run_sync_soon(idle.set)):
+        return True
+    with trio.move_on_after(timeout):
+        await idle.wait()
+    return idle.is_set()
 
 
 __all__ = [

@@ -28,6 +28,26 @@ class InFlight:
         self._lock = threading.Lock()
         self._counts: collections.Counter[Version] = collections.Counter()
         self._waiters: dict[Version, list[Callable[[], None]]] = {}
+        #: Set by `close`: what `using` raises from then on (the agent is stopping).
+        self._refusal: Callable[[], BaseException] | None = None
+        self._idle_waiters: list[Callable[[], None]] = []
+
+    def close(self, refusal: Callable[[], BaseException]) -> None:
+        """Refuse new work from now on: `using` raises ``refusal()``. Checked under the same
+        lock that counts work in, so after this returns no new block can start unseen."""
+        with self._lock:
+            self._refusal = refusal
+
+    def when_idle(self, wake: Callable[[], None]) -> bool:
+        """Call `wake` (from any thread) once nothing at all is in flight.
+
+        Returns False, without registering `wake`, when nothing is in flight now.
+        """
+        with self._lock:
+            if not self._counts:
+                return False
+            self._idle_waiters.append(wake)
+            return True
 
     def count(self, name: str, applied: bool) -> int:
         with self._lock:
@@ -37,6 +57,8 @@ class InFlight:
     def using(self, name: str, is_applied: Callable[[str], bool]) -> Iterator[bool]:
         """Count the caller as in flight on the version it sees; yields whether it is new."""
         with self._lock:
+            if self._refusal is not None:
+                raise self._refusal()
             # Read and count atomically: a switch cannot slip between the two.
             version = (name, is_applied(name))
             self._counts[version] += 1
@@ -49,6 +71,9 @@ class InFlight:
                 if self._counts[version] <= 0:
                     del self._counts[version]
                     waiters = self._waiters.pop(version, [])
+                    if not self._counts:
+                        waiters += self._idle_waiters
+                        self._idle_waiters = []
             for wake in waiters:
                 wake()  # each is a thread-safe wake-up of its agent's event loop
 

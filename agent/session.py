@@ -36,6 +36,7 @@ from statemachine.protocol import (
     Nack,
     PhaseNotice,
     ProtocolError,
+    Release,
     Renew,
     Welcome,
     decode_coordinator_message,
@@ -43,6 +44,10 @@ from statemachine.protocol import (
 )
 
 log = logging.getLogger("lockstep.agent")
+
+#: How long a stopping agent waits for its `using` blocks to end before it closes: if they
+#: did, it sends `Release` (departed at once); if not, the coordinator waits out its lease.
+LEAVE_DRAIN = 1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -406,6 +411,18 @@ class AgentSession:
         return encode(
             Nack(migration_id=notice.migration_id, phase=notice.phase, error=error[:4000])
         )
+
+    # ------------------------------------------------------------ leaving
+    def stop_serving(self) -> None:
+        """The app is stopping the agent: fenced from now on, and new `using` blocks are
+        refused (under the lock that counts them in, so none starts unseen)."""
+        self.leaving = True
+        self.inflight.close(lambda: AgentFenced(self.agent_id, "the agent was stopped"))
+
+    @staticmethod
+    def release_frame() -> str:
+        """The `Release` an agent sends once nothing is in flight after `stop_serving`."""
+        return encode(Release())
 
     def lost(self, reason: object) -> None:
         if self.leaving:

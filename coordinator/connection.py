@@ -40,6 +40,7 @@ from statemachine.protocol import (
     LeaseGrant,
     Nack,
     ProtocolError,
+    Release,
     Renew,
     Welcome,
     decode_agent_message,
@@ -273,6 +274,11 @@ async def _read_frames(
                 grant = LeaseGrant(seq=msg.seq, seconds=coordinator.fleet.lease_seconds)
                 coordinator.fleet.send(agent_id, encode(grant))
             continue
+        if isinstance(msg, Release):
+            # The agent stopped serving: its lease is over now, so the close that follows
+            # makes it departed at once instead of departing until the lease's expiry.
+            coordinator.fleet.release(agent_id)
+            return
         assert isinstance(msg, Ack | Nack)
         route_answer(coordinator, link, msg)
 
@@ -301,7 +307,7 @@ def route_answer(coordinator: ConnectionHost, link: AgentLink, msg: Ack | Nack) 
         )
 
 
-def _decode(frame: str | bytes) -> Hello | Ack | Nack | Renew:
+def _decode(frame: str | bytes) -> Hello | Ack | Nack | Renew | Release:
     """`decode_agent_message`, refusing binary frames: the protocol is text frames only."""
     if not isinstance(frame, str):
         raise ProtocolError(

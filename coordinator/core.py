@@ -546,9 +546,13 @@ class Coordinator:
 
     def agent_left(self, agent_id: str) -> None:
         self._left_since_freeze += 1
+        released = agent_id in self.fleet.released
+        self.fleet.released.discard(agent_id)
         if self._active is None:
             return
-        if agent_id in self.fleet.leases:
+        if released:
+            self._active.on_lease_expired(agent_id, released=True)  # it stopped serving
+        elif agent_id in self.fleet.leases:
             self._active.on_leave(agent_id)  # departing: its lease may still be valid
         else:
             self._active.on_lease_expired(agent_id)  # closed because its lease expired

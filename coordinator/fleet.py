@@ -68,6 +68,8 @@ class DuplicateAgent(LockstepError):
 class Fleet:
     def __init__(self, lease_seconds: float = DEFAULT_LEASE_SECONDS) -> None:
         self._links: dict[str, AgentLink] = {}
+        #: Agents whose connection ends after a `Release` (taken by `Coordinator.agent_left`).
+        self.released: set[str] = set()
         self._changed = trio.Event()
         self.leases = LeaseTable(lease_seconds)
         self._lease_added = trio.Event()
@@ -98,6 +100,11 @@ class Fleet:
             return False
         self.leases.grant(agent_id, now)
         return True
+
+    def release(self, agent_id: str) -> None:
+        """`agent_id` said it stopped serving (`Release`): its lease is over now."""
+        self.leases.release(agent_id)
+        self.released.add(agent_id)
 
     def hold_unaccounted(self, agents: Iterable[str], *, margin: float = 0.0) -> float:
         """A new leader took over: leases granted by its predecessor (to `agents` and to

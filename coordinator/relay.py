@@ -80,6 +80,7 @@ from statemachine.relay import (
     RelayHello,
     RelayRenew,
     RelayWelcome,
+    Released,
     chunks,
     decode_relay_down,
     decode_relay_up,
@@ -230,6 +231,12 @@ class RelaySession:
                 self.host.agent_left(agent_id)
                 self.host.events.emit(AgentLeft(agent_id, reason))
 
+    def released(self, agent_ids: list[str]) -> None:
+        """These agents gave their lease back (`Release`); their `Left` follows."""
+        for agent_id in agent_ids:
+            if agent_id in self.links:
+                self.host.fleet.release(agent_id)
+
     def answered(self, agent_ids: list[str], migration_id: str, phase: Phase) -> None:
         ack = Ack(migration_id=migration_id, phase=phase)
         for agent_id in agent_ids:
@@ -356,6 +363,8 @@ async def _read_relay(session: RelaySession) -> None:
             session.joined(msg.agents)
         elif isinstance(msg, Left):
             session.left(msg.agents, "left its relay")
+        elif isinstance(msg, Released):
+            session.released(msg.agents)
         elif isinstance(msg, Answered):
             session.answered(msg.agents, msg.migration_id, msg.phase)
         elif isinstance(msg, RelayedNack):
@@ -443,7 +452,7 @@ class Relay:
         self.leader_url: str | None = None
         self.linked = False
         self.links_made = 0
-        self._up: list[Joined | Left | Answered | RelayedNack | RelayRenew] = []
+        self._up: list[Joined | Left | Released | Answered | RelayedNack | RelayRenew] = []
         self._up_changed = trio.Event()
         self._paused = False
         self._resumed = trio.Event()
@@ -467,6 +476,9 @@ class Relay:
 
     def agent_left(self, agent_id: str) -> None:
         self.relay_fleet.announced_on.pop(agent_id, None)
+        if agent_id in self.relay_fleet.released:  # it said `release` before closing
+            self.relay_fleet.released.discard(agent_id)
+            self._send_up(agent_id, Released)
         self._send_up(agent_id, Left)
 
     def is_active_migration(self, migration_id: str) -> bool:
@@ -489,18 +501,20 @@ class Relay:
         self._queue_up(RelayedNack(agent_id, nack.migration_id, nack.phase, nack.error))
         return AckOutcome.RECORDED
 
-    def _send_up(self, agent_id: str, kind: type[Joined] | type[Left]) -> None:
+    def _send_up(self, agent_id: str, kind: type[Joined] | type[Left] | type[Released]) -> None:
         if not self.linked:
             return
         last = self._up[-1] if self._up else None
         if type(last) is kind:
-            assert isinstance(last, Joined | Left)
+            assert isinstance(last, Joined | Left | Released)
             last.agents.append(agent_id)
             self._up_changed.set()
         else:
             self._queue_up(kind([agent_id]))
 
-    def _queue_up(self, msg: Joined | Left | Answered | RelayedNack | RelayRenew) -> None:
+    def _queue_up(
+        self, msg: Joined | Left | Released | Answered | RelayedNack | RelayRenew
+    ) -> None:
         if self.linked:
             self._up.append(msg)
             self._up_changed.set()
@@ -639,7 +653,7 @@ class Relay:
             self._up_changed = trio.Event()
             queue, self._up = self._up, []
             for msg in queue:
-                if isinstance(msg, Joined | Left | Answered):
+                if isinstance(msg, Joined | Left | Released | Answered):
                     for ids in chunks(msg.agents):
                         await ws.send_message(encode_relay(_with_agents(msg, ids)))
                 else:
@@ -657,7 +671,9 @@ class Relay:
                 raise LinkLost("the relay's own lease lapsed: the leader stopped renewing it")
 
 
-def _with_agents(msg: Joined | Left | Answered, agents: list[str]) -> Joined | Left | Answered:
+def _with_agents(
+    msg: Joined | Left | Released | Answered, agents: list[str]
+) -> Joined | Left | Released | Answered:
     if isinstance(msg, Answered):
         return Answered(msg.migration_id, msg.phase, agents)
     return type(msg)(agents)

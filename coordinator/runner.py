@@ -143,13 +143,15 @@ class MigrationRun:
         if self.machine.agent_disconnected(agent_id) is AckOutcome.RECORDED:
             self._wake()
 
-    def on_lease_expired(self, agent_id: str) -> None:
-        """The agent's lease certainly expired: it is fenced (see statemachine.lease)."""
+    def on_lease_expired(self, agent_id: str, *, released: bool = False) -> None:
+        """The agent's lease certainly expired, or it gave it back (`released`: it stopped
+        cleanly): either way it is fenced (see statemachine.lease)."""
         if self.machine.lease_expired(agent_id) is AckOutcome.RECORDED:
             log.warning(
-                "%s: agent %s departed: its lease expired before it answered %s",
+                "%s: agent %s departed: %s before it answered %s",
                 self.migration.name,
                 agent_id,
+                "it stopped (released its lease)" if released else "its lease expired",
                 self.machine.state.name,
             )
             self._wake()

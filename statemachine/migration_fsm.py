@@ -384,8 +384,11 @@ class MigrationMachine:
         return outcome
 
     def agent_connected(self, agent_id: str) -> None:
+        """`agent_id` (re)joined. One that had departed (a restarted instance) is present
+        again: `departed` lists only agents still gone; the ledger keeps what it recorded."""
         self.connected.add(agent_id)
         self.departing.discard(agent_id)
+        self.departed.discard(agent_id)
 
     def agent_disconnected(self, agent_id: str) -> AckOutcome:
         """The agent's connection closed. With "wait" it becomes `departing` and still owes

@@ -75,6 +75,13 @@ class Renew(_Message, frozen=True, tag="renew"):
     seq: Annotated[int, msgspec.Meta(ge=0, le=2**53)]
 
 
+class Release(_Message, frozen=True, tag="release"):
+    """The agent's last frame when the app stops it: it serves no more work (every `using`
+    block ended and new ones are refused), so its lease may be counted as expired now instead
+    of at its certain expiry. The coordinator closes the connection after it. An agent that
+    cannot say so truthfully (work still in flight) closes without it."""
+
+
 # ---------------------------------------------------------------- coordinator -> agent
 class Welcome(_Message, frozen=True, tag="welcome", omit_defaults=True):
     """Handshake accepted. `applied` lists the migrations whose new code agents must run."""
@@ -119,7 +126,7 @@ class Error(_Message, frozen=True, tag="error"):
     fatal: bool = False
 
 
-AgentMessage = Hello | Ack | Nack | Renew
+AgentMessage = Hello | Ack | Nack | Renew | Release
 CoordinatorMessage = Welcome | PhaseNotice | LeaseGrant | Error
 
 
@@ -133,7 +140,7 @@ class ProtocolError(LockstepError, ValueError):
         self.message = message
 
 
-AGENT_TYPES: Final = ("hello", "ack", "nack", "renew")
+AGENT_TYPES: Final = ("hello", "ack", "nack", "renew", "release")
 COORDINATOR_TYPES: Final = ("welcome", "phase", "lease", "error")
 
 _agent_decoder = msgspec.json.Decoder(AgentMessage)
@@ -208,10 +215,10 @@ def decode_frame(
         raise ProtocolError("malformed_frame", f"frame is not valid JSON: {exc}") from None
 
 
-def decode_agent_message(frame: str | bytes) -> Hello | Ack | Nack | Renew:
+def decode_agent_message(frame: str | bytes) -> Hello | Ack | Nack | Renew | Release:
     """Parse a frame an agent sent; raises `ProtocolError` with a precise reason."""
     msg = decode_frame(_agent_decoder, frame, AGENT_TYPES)
-    assert isinstance(msg, Hello | Ack | Nack | Renew)
+    assert isinstance(msg, Hello | Ack | Nack | Renew | Release)
     return msg
 
 
@@ -257,6 +264,7 @@ __all__ = [
     "Nack",
     "PhaseNotice",
     "ProtocolError",
+    "Release",
     "Renew",
     "Welcome",
     "decode_agent_message",

@@ -4,9 +4,9 @@ A *relay* is a ``lockstep serve`` replica that does not lead: it accepts agents 
 leader would (agents need no change) and holds one WebSocket to the leader, on the path
 `RELAY_PATH`, over which it speaks these frames (docs/replicas.md):
 
-- relay -> leader: `RelayHello` (first frame: the fleet secret), `Joined` and `Left` (its
-  agents' membership, batched), `Answered` / `RelayedNack` (its agents' acks and nacks,
-  batched per migration and phase), `RelayRenew` (its own lease);
+- relay -> leader: `RelayHello` (first frame: the fleet secret), `Joined`, `Left` and
+  `Released` (its agents' membership, batched), `Answered` / `RelayedNack` (its agents'
+  acks and nacks, batched per migration and phase), `RelayRenew` (its own lease);
 - leader -> relay: `RelayWelcome`, `Deliver` (one already-encoded agent frame and the agents
   it is for: a phase notice crosses the link once per relay, not once per agent), `Drop`
   (close these agents' connections), `RelayGrant`.
@@ -93,6 +93,13 @@ class Left(_RelayMessage, frozen=True, tag="left"):
     agents: AgentIds
 
 
+class Released(_RelayMessage, frozen=True, tag="released"):
+    """These agents sent `Release` (they serve no more work) before their connection ended:
+    the leader counts them departed at the `Left` that follows, not at their lease's end."""
+
+    agents: AgentIds
+
+
 class Answered(_RelayMessage, frozen=True, tag="answered"):
     """These agents acked `phase` of `migration_id`."""
 
@@ -147,9 +154,17 @@ class RelayGrant(_RelayMessage, frozen=True, tag="relay_grant"):
     seconds: float
 
 
-RelayUpMessage = RelayHello | Joined | Left | Answered | RelayedNack | RelayRenew
+RelayUpMessage = RelayHello | Joined | Left | Released | Answered | RelayedNack | RelayRenew
 RelayDownMessage = RelayWelcome | Deliver | Drop | RelayGrant
-UP_TYPES: Final = ("relay_hello", "joined", "left", "answered", "relayed_nack", "relay_renew")
+UP_TYPES: Final = (
+    "relay_hello",
+    "joined",
+    "left",
+    "released",
+    "answered",
+    "relayed_nack",
+    "relay_renew",
+)
 DOWN_TYPES: Final = ("relay_welcome", "deliver", "drop", "relay_grant")
 
 _up_decoder = msgspec.json.Decoder(RelayUpMessage)
@@ -160,7 +175,9 @@ _encoder = msgspec.json.Encoder()
 def decode_relay_up(frame: str | bytes) -> RelayUpMessage:
     """Parse a frame a relay sent; `ProtocolError` with a precise reason otherwise."""
     msg = decode_frame(_up_decoder, frame, UP_TYPES, max_bytes=MAX_RELAY_FRAME_BYTES)
-    assert isinstance(msg, RelayHello | Joined | Left | Answered | RelayedNack | RelayRenew)
+    assert isinstance(
+        msg, RelayHello | Joined | Left | Released | Answered | RelayedNack | RelayRenew
+    )
     return msg
 
 
@@ -246,6 +263,7 @@ __all__ = [
     "RelayUpMessage",
     "RelayWelcome",
     "RelayedNack",
+    "Released",
     "chunks",
     "decode_relay_down",
     "decode_relay_up",

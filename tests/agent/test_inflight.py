@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import psycopg
+import pytest
 import trio
 
 from agent import open_agent
+from agent.inflight import InFlight
 from agent.threaded import ThreadedAgent
 from coordinator import open_coordinator
 from coordinator.events import Event, PhaseStarted
@@ -94,3 +96,20 @@ async def test_threaded_using_counts_work_from_other_threads(dsn: str) -> None:
             assert app.is_applied("drop_name")
         finally:
             await trio.to_thread.run_sync(app.stop)
+
+
+def test_a_closed_counter_refuses_new_work_and_reports_when_the_last_block_ends() -> None:
+    """What a stopping agent relies on before it sends `Release`: after `close` no block can
+    start (the refusal is raised under the lock that counts blocks in), and `when_idle` fires
+    once the blocks already running have all ended, whatever their version."""
+    flight = InFlight()
+    woke: list[str] = []
+    assert not flight.when_idle(lambda: woke.append("idle")), "nothing in flight: no wait"
+    with flight.using("a", lambda name: False), flight.using("b", lambda name: True):
+        assert flight.when_idle(lambda: woke.append("idle"))
+        flight.close(lambda: RuntimeError("stopped"))
+        with pytest.raises(RuntimeError, match="stopped"), flight.using("a", lambda n: True):
+            pass
+        assert woke == []
+    assert woke == ["idle"]
+    assert flight.count("a", False) == flight.count("b", True) == 0

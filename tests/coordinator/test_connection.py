@@ -221,7 +221,8 @@ async def test_bad_frame_after_hello_gets_a_precise_error(
 
 
 async def test_frame_over_the_websocket_limit_only_closes_that_client(dsn: str) -> None:
-    async with open_coordinator(dsn, port=0) as coord:
+    # A short lease: the closed client leaves the fleet once its lease certainly expired.
+    async with open_coordinator(dsn, port=0, lease_seconds=1.0) as coord:
         async with raw_client(coord.url) as ws:
             await say_hello(ws, "hog")
             with contextlib.suppress(ConnectionClosed):  # closed while we were still sending

@@ -152,7 +152,10 @@ async def test_pipelined_bad_frames_get_an_accurate_reason(dsn: str) -> None:
 
 
 async def test_bad_frames_in_a_row_are_bounded_even_when_read(dsn: str) -> None:
-    async with open_coordinator(dsn, port=0) as coord, raw_client(coord.url) as ws:
+    async with (
+        open_coordinator(dsn, port=0, lease_seconds=1.0) as coord,
+        raw_client(coord.url) as ws,
+    ):
         await say_hello(ws, "clumsy")
         for _ in range(MAX_BAD_FRAMES):
             await ws.send_message("{")

@@ -67,10 +67,11 @@ async def _until(predicate: object, timeout: float = 20) -> None:
 @asynccontextmanager
 async def _replicas(dsn: str, **options: object) -> AsyncIterator[tuple[Service, Service]]:
     """A leader, then a relaying standby linked to it."""
-    async with open_service(dsn, **FAST, **options) as leader:  # type: ignore[arg-type]
+    settings = {**FAST, **options}
+    async with open_service(dsn, **settings) as leader:  # type: ignore[arg-type]
         with trio.fail_after(10):
             await leader.wait_until_leader()
-        async with open_service(dsn, relay=True, **FAST, **options) as relay:  # type: ignore[arg-type]
+        async with open_service(dsn, relay=True, **settings) as relay:  # type: ignore[arg-type]
             assert relay.relay is not None
             await _until(lambda: relay.relay is not None and relay.relay.linked, 10)
             yield leader, relay
@@ -231,3 +232,32 @@ async def test_a_relay_grants_only_within_its_lease_and_to_agents_of_its_current
     assert fleet.grant("a1")
     lease.lapse()
     assert not fleet.grant("a1")
+
+
+async def test_a_relayed_agent_stopped_cleanly_mid_apply_is_not_waited_for(dsn: str) -> None:
+    """Its `release` crosses the relay: the leader counts it departed when it leaves, not a
+    lease's expiry later (a minute here: beyond the test's bound)."""
+    make_users(dsn)
+    stalled = trio.Event()
+
+    async def stall(info: MigrationInfo) -> None:
+        stalled.set()
+        await trio.sleep_forever()
+
+    async with _replicas(dsn, lease_seconds=60.0) as (leader, relay):
+        scope = trio.CancelScope()
+
+        async def leaver(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+            with scope:
+                async with open_agent(relay.url, agent_id="leaver", on_apply=stall):
+                    task_status.started()
+                    await trio.sleep_forever()
+
+        async with open_agent(leader.url, agent_id="steady"), trio.open_nursery() as nursery:
+            await nursery.start(leaver)
+            await leader.coordinator.wait_for_agents(2, timeout=10)
+            await submit(dsn, [_migration()])
+            with trio.fail_after(20):
+                await stalled.wait()
+            scope.cancel()
+            await _until(lambda: _status(dsn, "add_email") == "completed", 20)

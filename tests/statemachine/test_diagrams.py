@@ -130,6 +130,7 @@ def test_every_protocol_example_is_what_the_encoder_writes() -> None:
         "Ack",
         "Nack",
         "Renew",
+        "Release",
         "Welcome",
         "PhaseNotice",
         "LeaseGrant",

@@ -94,7 +94,7 @@ def test_unknown_type_lists_the_known_ones() -> None:
     err = _error('{"type": "bogus"}')
     assert err.code == "unknown_type"
     assert "'bogus'" in err.message
-    assert err.message.endswith("expected one of hello, ack, nack, renew")
+    assert err.message.endswith("expected one of hello, ack, nack, renew, release")
 
 
 def test_coordinator_message_is_an_unknown_type_for_the_agent_side() -> None:

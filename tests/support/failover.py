@@ -258,10 +258,17 @@ FAULTS = ("sigkill", "lock-session", "database-restart")
 
 
 async def run_fault(
-    dsn: str, point: Point, workdir: Path, *, mode: str = "standby", fault: str = "sigkill"
+    dsn: str,
+    point: Point,
+    workdir: Path,
+    *,
+    mode: str = "standby",
+    fault: str = "sigkill",
+    lease: float | None = None,
 ) -> Outcome:
     """One fault at `point`; `mode` "standby" (a second replica runs from the start) or
-    "restart" (after the fault the killed leader is started again on its port)."""
+    "restart" (after the fault the killed leader is started again on its port). `lease`
+    (seconds) is given to the replicas as ``--lease``; None keeps lockstep's default."""
     make_users(dsn)
     path = workdir / f"{MIGRATION}.sql"
     path.write_text(point.migration_text())
@@ -272,11 +279,12 @@ async def run_fault(
     leader: subprocess.Popen[str] | None = None
     second: subprocess.Popen[str] | None = None
     app: AppProcess | None = None
+    replica = ["--poll-interval", "0.5", *(["--lease", f"{lease:g}"] if lease else [])]
     try:
-        leader = serve(dsn, ports[0], "--poll-interval", "0.5", output=logs[0])
+        leader = serve(dsn, ports[0], *replica, output=logs[0])
         await leading(dsn)
         if mode == "standby":
-            second = serve(dsn, ports[1], "--poll-interval", "0.5", output=logs[1])
+            second = serve(dsn, ports[1], *replica, output=logs[1])
             await listening(ports[1])
         options = [f"--{k}={v}" for k, v in (("hold", point.hold), ("nack", point.nack)) if v]
         app = AppProcess(dsn, urls, logs[2], *options)
@@ -294,7 +302,7 @@ async def run_fault(
         await _strike(fault, dsn, leader)
         app.send("release")
         if mode == "restart":
-            second = serve(dsn, ports[0], "--poll-interval", "0.5", output=logs[1])
+            second = serve(dsn, ports[0], *replica, output=logs[1])
         new_epoch = await new_leader(dsn, epoch)
         outcome.takeover = time.monotonic() - struck_at
         outcome.status = await final_status(dsn)

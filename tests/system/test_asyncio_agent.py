@@ -127,3 +127,17 @@ async def test_asyncio_agent_resyncs_after_a_coordinator_restart(
     assert app.error is None
     back = [r for r in caplog.records if "reconnected to the coordinator" in r.getMessage()]
     assert len(back) == 1 and back[0].levelno == logging.INFO
+
+
+async def test_a_stopped_asyncio_agent_releases_its_lease(dsn: str) -> None:
+    """The asyncio agent stops as the trio one does: with nothing in flight it sends
+    `Release`, so the coordinator counts it gone at once rather than departing for the
+    rest of its (here one-minute) lease."""
+    async with open_coordinator(dsn, lease_seconds=60.0) as coord:
+        app = AsyncioApp(coord.url, agent_id="fastapi-1")
+        await trio.to_thread.run_sync(app.start)
+        await _until(lambda: "fastapi-1" in coord.agents)
+        await trio.to_thread.run_sync(app.stop)
+        await _until(lambda: "fastapi-1" not in coord.agents)
+        assert "fastapi-1" not in coord.fleet.departing
+    assert app.error is None

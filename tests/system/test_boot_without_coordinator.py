@@ -105,7 +105,10 @@ async def test_app_boots_on_the_durable_state_then_joins(dsn: str, state: str) -
             assert new is STATES[state]
         async with trio.open_nursery() as nursery:
             coord: Coordinator = await nursery.start(
-                lambda task_status: serve_coordinator(dsn, port=port, task_status=task_status)
+                # A short lease: resuming, it waits out its predecessor's leases first.
+                lambda task_status: serve_coordinator(
+                    dsn, port=port, lease_seconds=2.0, task_status=task_status
+                )
             )
             joining = trio.current_time()
             await _until(lambda: agent.connected)
@@ -148,7 +151,10 @@ async def test_asyncio_agent_boots_from_a_dsn_then_joins(dsn: str) -> None:
         assert app.agent.synced and app.agent.is_applied("add_email")
         async with trio.open_nursery() as nursery:
             await nursery.start(
-                lambda task_status: serve_coordinator(dsn, port=port, task_status=task_status)
+                # A short lease: resuming, it waits out its predecessor's leases first.
+                lambda task_status: serve_coordinator(
+                    dsn, port=port, lease_seconds=2.0, task_status=task_status
+                )
             )
             await _until(lambda: app.agent is not None and app.agent.connected)
             assert app.agent.synced_from == "coordinator" and app.agent.is_applied("add_email")

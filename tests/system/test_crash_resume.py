@@ -52,6 +52,8 @@ def _apply(dsn: str, path: Path, port: int) -> subprocess.Popen[str]:
             "30",
             "--ack-timeout",
             "20",
+            "--lease",  # the restarted coordinator waits out its predecessor's leases
+            "2",
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 
@@ -24,14 +25,16 @@ import pytest
 import trio
 
 from agent import Agent, AgentFenced, MigrationInfo, open_agent
-from coordinator import open_coordinator
+from coordinator import Coordinator, open_coordinator
 from coordinator.events import Event, PhaseStarted
-from statemachine import Migration, MigrationStatus, Phase
+from statemachine import Migration, MigrationResult, MigrationStatus, Phase
 from statemachine.lease import certainly_expired_after
 from tests.support.flow import execute
 from tests.support.tcp_proxy import open_tcp_proxy
 
 LEASE = 1.5
+#: Long enough that a test bounded well under it shows nothing waited for a lease to expire.
+ROLLING_LEASE = 60.0
 NAME = "rename_old_name"
 OLD, NEW = "SELECT old_name FROM items", "SELECT new_name FROM items"
 
@@ -256,7 +259,8 @@ async def test_an_agent_killed_mid_phase_departs_once_its_lease_expired(dsn: str
 
 async def test_a_rolling_restart_during_apply_completes(dsn: str) -> None:
     """Every agent is restarted, one after another, while APPLY waits for its acks: each
-    comes back under its own id, is sent APPLY again and acks; no query fails."""
+    comes back under its own id and acks APPLY, or (it released its lease when it stopped)
+    is no longer waited for; no query fails."""
     make_items(dsn)
     ids = ["app-1", "app-2", "app-3"]
     slow_apply = trio.Event()
@@ -309,40 +313,47 @@ async def test_a_rolling_restart_during_apply_completes(dsn: str) -> None:
             with trio.fail_after(30):
                 result = await coord.run_migration(rename())
         assert result.status is MigrationStatus.COMPLETED, result.reason
-        assert result.departed == ()
+        # Departed: an instance that had not come back yet when the migration completed.
+        assert set(result.departed) <= set(ids)
         for agent_id in ids:
             assert traffic[agent_id].failed == 0, traffic[agent_id].errors
             assert traffic[agent_id].ok > 0
         nursery.cancel_scope.cancel()
 
 
-async def test_rollback_mode_still_rolls_back_on_a_disconnect(dsn: str) -> None:
-    make_items(dsn)
+async def _migrate_while_leaver_stops_in_apply(coord: Coordinator) -> MigrationResult:
+    """Agents "steady" and "leaver" on `coord`; "leaver" is stopped cleanly (its scope
+    cancelled) while its APPLY hook runs. Returns the migration's result (bounded: 20 s)."""
     stalled = trio.Event()
 
     async def stall(info: MigrationInfo) -> None:
         stalled.set()
         await trio.sleep_forever()
 
+    scope = trio.CancelScope()
+
+    async def leaver(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        with scope:
+            async with open_agent(coord.url, agent_id="leaver", on_apply=stall):
+                task_status.started()
+                await trio.sleep_forever()
+
+    async def stop_it() -> None:
+        await stalled.wait()
+        scope.cancel()
+
+    async with open_agent(coord.url, agent_id="steady"), trio.open_nursery() as n:
+        await n.start(leaver)
+        await coord.wait_for_agents(2, timeout=5)
+        n.start_soon(stop_it)
+        with trio.fail_after(20):  # with a one-minute lease and no release: about 67 s
+            return await coord.run_migration(rename())
+
+
+async def test_rollback_mode_still_rolls_back_on_a_disconnect(dsn: str) -> None:
+    make_items(dsn)
     async with open_coordinator(dsn, port=0, on_agent_loss="rollback") as coord:
-        scope = trio.CancelScope()
-
-        async def leaver(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-            with scope:
-                async with open_agent(coord.url, agent_id="leaver", on_apply=stall):
-                    task_status.started()
-                    await trio.sleep_forever()
-
-        async def cut() -> None:
-            await stalled.wait()
-            scope.cancel()
-
-        async with open_agent(coord.url, agent_id="steady"), trio.open_nursery() as n:
-            await n.start(leaver)
-            await coord.wait_for_agents(2, timeout=5)
-            n.start_soon(cut)
-            with trio.fail_after(20):
-                result = await coord.run_migration(rename())
+        result = await _migrate_while_leaver_stops_in_apply(coord)
     assert result.status is MigrationStatus.FAILED
     assert result.reason == "agent leaver disconnected in APPLY before acking"
     assert result.departed == ()
@@ -369,3 +380,53 @@ async def test_durable_readers_make_contract_wait_one_lease_after_apply(dsn: str
     assert result.status is MigrationStatus.COMPLETED, result.reason
     waited = starts[Phase.CONTRACT] - starts[Phase.APPLY]
     assert waited >= certainly_expired_after(1.0)
+
+
+async def test_an_agent_stopped_for_good_is_not_waited_for(dsn: str) -> None:
+    """An instance stopped cleanly mid-APPLY (scaled down: it never comes back) releases its
+    lease: the migration completes at once, not a lease's expiry later (a minute here, beyond
+    the test's bound), and says it departed."""
+    make_items(dsn)
+    async with open_coordinator(dsn, port=0, ack_timeout=120, lease_seconds=ROLLING_LEASE) as coord:
+        result = await _migrate_while_leaver_stops_in_apply(coord)
+    assert result.status is MigrationStatus.COMPLETED, result.reason
+    assert result.departed == ("leaver",)
+
+
+async def test_an_agent_stopped_with_work_in_flight_keeps_its_lease(dsn: str) -> None:
+    """A unit of work still running when the agent stops (a thread of the app) means the
+    instance may still use the schema: it does not release, so the coordinator counts it
+    departing (its lease may be valid) rather than gone; new work is refused meanwhile."""
+    finish = threading.Event()
+    entered = threading.Event()
+    async with open_coordinator(dsn, port=0, lease_seconds=ROLLING_LEASE) as coord:
+        scope = trio.CancelScope()
+        stopped: list[Agent] = []
+
+        def busy(agent: Agent) -> None:
+            with agent.using(NAME):
+                entered.set()
+                finish.wait(30)
+
+        async with trio.open_nursery() as n:
+
+            async def instance() -> None:
+                with scope:
+                    async with open_agent(coord.url, agent_id="busy") as agent:
+                        stopped.append(agent)
+                        n.start_soon(trio.to_thread.run_sync, busy, agent)
+                        await trio.to_thread.run_sync(entered.wait, 10)
+                        await trio.sleep_forever()
+
+            n.start_soon(instance)
+            with trio.fail_after(10):
+                await coord.wait_for_agents(1, timeout=10)
+                while not entered.is_set():
+                    await trio.sleep(0.01)
+                scope.cancel()
+                while "busy" in coord.agents:
+                    await trio.sleep(0.01)
+            assert "busy" in coord.fleet.departing, "closed with work in flight: not released"
+            with pytest.raises(AgentFenced, match="stopped"), stopped[0].using(NAME):
+                pass
+            finish.set()

@@ -21,7 +21,9 @@ pytestmark = pytest.mark.slow
 async def test_sigkill_of_the_leader_in_apply_is_finished_by_the_standby(
     dsn: str, tmp_path: Path
 ) -> None:
-    outcome = await run_fault(dsn, POINTS["apply-wait"], tmp_path)
+    # A 3 s lease: the standby's wait for its predecessor's leases is what it is for any
+    # lease (1.1 x lease + 1 s + the probe's margin), only shorter than the default's.
+    outcome = await run_fault(dsn, POINTS["apply-wait"], tmp_path, lease=3.0)
     print(outcome)
     assert outcome.ok, outcome.problems
     assert outcome.status == "completed" and outcome.schema == "contracted"

@@ -37,6 +37,10 @@ ALTER TABLE users DROP COLUMN name;
 ALTER TABLE users DROP COLUMN IF EXISTS email;
 """
 
+#: A resumed run waits out its predecessor's leases before CONTRACT (1.1 x lease + 1 s plus
+#: the lock probe's margin): a short lease keeps that wait short, the behaviour the same.
+SHORT_LEASE = ("--lease", "2")
+
 
 def _status(dsn: str) -> dict[str, object]:
     proc = run_lockstep("status", "--dsn", dsn, "--json")
@@ -100,7 +104,7 @@ async def test_sigterm_mid_apply_leaves_the_run_durable_and_a_restart_finishes_i
             in_apply.set()
             await stopped.wait()
 
-    first = serve(dsn, port)
+    first = serve(dsn, port, *SHORT_LEASE)
     second = None
     try:
         with trio.fail_after(90):
@@ -122,7 +126,7 @@ async def test_sigterm_mid_apply_leaves_the_run_durable_and_a_restart_finishes_i
                 assert flight["state"] == "apply" and flight["executed"] is True
                 assert "email" in columns(dsn) and "name" in columns(dsn)  # not rolled back
                 stopped.set()
-                second = serve(dsn, port)
+                second = serve(dsn, port, *SHORT_LEASE)
                 waited = await trio.to_thread.run_sync(
                     run_lockstep, "submit", str(path), "--dsn", dsn, "--wait"
                 )
@@ -173,7 +177,7 @@ async def test_apply_that_loses_its_lock_session_takes_the_lead_again_and_finish
 
     proc = lockstep_process(
         "apply", str(path), "--dsn", dsn, "--port", str(port), "--wait-agents", "1",
-        "--ack-timeout", "30",
+        "--ack-timeout", "30", *SHORT_LEASE,
     )  # fmt: skip
     try:
         with trio.fail_after(90):
