@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 import re
 import ssl
 import time
@@ -46,6 +47,7 @@ from coordinator.connection import (
     route_answer,
     serve_connection,
 )
+from coordinator.core import CollectorHold
 from coordinator.events import AgentJoined, AgentLeft, EventBus
 from coordinator.fleet import AgentLink, DuplicateAgent, Fleet
 from coordinator.leader import LEADER_LOCK_ROWS
@@ -96,6 +98,8 @@ log = logging.getLogger("lockstep.coordinator")
 #: Frames queued to one relay's agents, per agent it holds, before the leader gives up on a
 #: relay that stopped reading (the same bound as one agent's outbox).
 QUEUED_PER_AGENT = 64
+#: Seconds without a frame from the leader after which a relay lets the collector run again.
+QUIET_SECONDS = 2.0
 
 
 # ------------------------------------------------------------------ the leader's side
@@ -456,6 +460,13 @@ class Relay:
         self._up_changed = trio.Event()
         self._paused = False
         self._resumed = trio.Event()
+        #: The collector is held off while the leader's frames flow, as the leader holds
+        #: it during a migration (`CollectorHold`): at fleet scale collections traversing
+        #: the relay's connections would cost more than the relaying itself.
+        self.collector = CollectorHold()
+        self._busy_at = -math.inf
+        self._busy = trio.Event()
+        self._left_since_hold = 0
         self._scope: trio.CancelScope | None = None
 
     # ------------------------------------------------------- ConnectionHost
@@ -475,6 +486,7 @@ class Relay:
         self._send_up(agent_id, Joined)
 
     def agent_left(self, agent_id: str) -> None:
+        self._left_since_hold += 1
         self.relay_fleet.announced_on.pop(agent_id, None)
         if agent_id in self.relay_fleet.released:  # it said `release` before closing
             self.relay_fleet.released.discard(agent_id)
@@ -485,6 +497,7 @@ class Relay:
         return True  # the leader judges answers, and tells the agent
 
     def route_ack(self, agent_id: str, ack: Ack) -> AckOutcome:
+        self._busy_at = trio.current_time()  # answers still flowing: keep the collector held
         last = self._up[-1] if self._up else None
         if (
             isinstance(last, Answered)
@@ -625,6 +638,7 @@ class Relay:
                     nursery.start_soon(self._send_up_frames, ws)
                     nursery.start_soon(self._renew, welcome.lease_seconds)
                     nursery.start_soon(self._watch_lease)
+                    nursery.start_soon(self._release_collector_when_quiet)
 
     async def _read_down(self, ws: WebSocketConnection) -> None:
         while True:
@@ -634,6 +648,10 @@ class Relay:
                 raise LinkLost(f"the leader's link closed ({exc.reason})") from None
             msg = decode_relay_down(frame)
             if isinstance(msg, Deliver):
+                self._busy_at = trio.current_time()
+                if not self.collector.held:
+                    self.collector.hold()
+                    self._busy.set()
                 send = self.fleet.send
                 for agent_id in msg.agents:
                     send(agent_id, msg.frame)
@@ -663,6 +681,21 @@ class Relay:
         while True:
             await trio.sleep(renew_interval(seconds))
             self._queue_up(RelayRenew(self.own_lease.request(trio.current_time())))
+
+    async def _release_collector_when_quiet(self) -> None:
+        """Let the collector run again once the leader sent nothing for `QUIET_SECONDS`
+        (the migration's answers are in); unfreeze the heap only if agents left meanwhile
+        (their connections are the cyclic garbage), as the leader does."""
+        try:
+            while True:
+                await self._busy.wait()
+                while trio.current_time() < self._busy_at + QUIET_SECONDS:
+                    await trio.sleep_until(self._busy_at + QUIET_SECONDS)
+                self._busy = trio.Event()
+                left, self._left_since_hold = self._left_since_hold, 0
+                self.collector.release(unfreeze=left > 0)
+        finally:
+            self.collector.release(unfreeze=True)
 
     async def _watch_lease(self) -> None:
         while True:
