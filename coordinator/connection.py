@@ -16,7 +16,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
@@ -50,6 +50,8 @@ from statemachine.text import printable
 
 log = logging.getLogger("lockstep.coordinator")
 
+_M = TypeVar("_M")
+
 
 class ConnectionHost(Protocol):
     """What a connection needs from the coordinator that accepted it."""
@@ -67,6 +69,11 @@ class ConnectionHost(Protocol):
 
     def applied_names(self) -> list[str]:
         """Migrations a joining agent must treat as applied (the Welcome's list)."""
+        ...
+
+    def welcome(self, agent_id: str) -> str | None:
+        """The Welcome frame to send `agent_id` now, or None when it comes another way (a
+        relay: the leader's Welcome arrives in the agent's outbox)."""
         ...
 
     def agent_joined(self, agent_id: str) -> None: ...
@@ -144,15 +151,9 @@ async def serve_connection(
         coordinator.fleet.grant(hello.agent_id)
         coordinator.agent_joined(hello.agent_id)
         coordinator.events.emit(AgentJoined(hello.agent_id, remote))
-        welcome = Welcome(
-            protocol=PROTOCOL_VERSION,
-            applied=coordinator.applied_names(),
-            # JSON has no infinity (msgspec writes null, which agents reject): 0 = no pings.
-            heartbeat_interval=_wire_interval(coordinator.heartbeat_interval),
-            epoch=coordinator.epoch,
-            lease_seconds=coordinator.fleet.lease_seconds,
-        )
-        await ws.send_message(encode(welcome))
+        welcome = coordinator.welcome(hello.agent_id)
+        if welcome is not None:  # None: a relay's agent, welcomed by the leader (outbox)
+            await ws.send_message(welcome)
         async with trio.open_nursery() as nursery:
 
             async def reader() -> None:
@@ -192,22 +193,44 @@ async def serve_connection(
                 await ws.aclose()
 
 
+def welcome_frame(coordinator: ConnectionHost) -> str:
+    """The encoded Welcome an agent joining now gets (what is applied, the epoch, the
+    lease): built at the instant the agent joined the fleet, so it tells the truth."""
+    welcome = Welcome(
+        protocol=PROTOCOL_VERSION,
+        applied=coordinator.applied_names(),
+        # JSON has no infinity (msgspec writes null, which agents reject): 0 = no pings.
+        heartbeat_interval=_wire_interval(coordinator.heartbeat_interval),
+        epoch=coordinator.epoch,
+        lease_seconds=coordinator.fleet.lease_seconds,
+    )
+    return encode(welcome)
+
+
 def _wire_interval(interval: float) -> float:
     return interval if math.isfinite(interval) and interval > 0 else 0.0
 
 
-async def _handshake(coordinator: ConnectionHost, ws: WebSocketConnection) -> Hello:
+async def _first_frame(
+    ws: WebSocketConnection, timeout: float, decode: Callable[[str | bytes], _M], name: str
+) -> _M:
+    """The first frame of a connection, decoded; `_Refused` when it does not come within
+    `timeout` or does not decode. Shared with the relay links' handshake."""
     try:
-        with trio.fail_after(coordinator.handshake_timeout):
+        with trio.fail_after(timeout):
             frame = await ws.get_message()
     except trio.TooSlowError:
         raise _Refused(
-            CLOSE_HANDSHAKE_TIMEOUT, "handshake_timeout", "no hello within the handshake timeout"
+            CLOSE_HANDSHAKE_TIMEOUT, "handshake_timeout", f"no {name} within the handshake timeout"
         ) from None
     try:
-        msg = _decode(frame)
+        return decode(frame)
     except ProtocolError as exc:
         raise _Refused(CLOSE_PROTOCOL_ERROR, exc.code, exc.message) from None
+
+
+async def _handshake(coordinator: ConnectionHost, ws: WebSocketConnection) -> Hello:
+    msg = await _first_frame(ws, coordinator.handshake_timeout, _decode, "hello")
     if not isinstance(msg, Hello):
         raise _Refused(
             CLOSE_PROTOCOL_ERROR, "expected_hello", f"the first frame must be hello, got {msg!r}"
@@ -260,26 +283,32 @@ async def _read_frames(
             # makes it departed at once instead of departing until the lease's expiry.
             coordinator.fleet.release(agent_id)
             return
-        if isinstance(msg, Ack):
-            outcome = coordinator.route_ack(agent_id, msg)
-        else:
-            assert isinstance(msg, Nack)
-            outcome = coordinator.route_nack(agent_id, msg)
-        if outcome is AckOutcome.RECORDED:
-            link.bad_frames = 0
-        if outcome is AckOutcome.STRANGER or (
-            outcome in (AckOutcome.STALE, AckOutcome.CLOSED)
-            and not coordinator.is_active_migration(msg.migration_id)
-        ):
-            # A late answer for the running migration's previous phase is a normal race and
-            # stays quiet; an answer nobody could have asked for is worth telling the agent.
-            _reply_error(
-                coordinator,
-                link,
-                f"{outcome.value}_answer",
-                f"{type(msg).__name__.lower()} for migration {msg.migration_id} phase "
-                f"{msg.phase.value} does not count: {outcome.value}",
-            )
+        assert isinstance(msg, Ack | Nack)
+        route_answer(coordinator, link, msg)
+
+
+def route_answer(coordinator: ConnectionHost, link: AgentLink, msg: Ack | Nack) -> None:
+    """Count an agent's ack or nack; tell the agent when it cannot count. Shared by the
+    agents' own connections and the leader's side of a relay (`coordinator.relay`)."""
+    if isinstance(msg, Ack):
+        outcome = coordinator.route_ack(link.agent_id, msg)
+    else:
+        outcome = coordinator.route_nack(link.agent_id, msg)
+    if outcome is AckOutcome.RECORDED:
+        link.bad_frames = 0
+    if outcome is AckOutcome.STRANGER or (
+        outcome in (AckOutcome.STALE, AckOutcome.CLOSED)
+        and not coordinator.is_active_migration(msg.migration_id)
+    ):
+        # A late answer for the running migration's previous phase is a normal race and
+        # stays quiet; an answer nobody could have asked for is worth telling the agent.
+        _reply_error(
+            coordinator,
+            link,
+            f"{outcome.value}_answer",
+            f"{type(msg).__name__.lower()} for migration {msg.migration_id} phase "
+            f"{msg.phase.value} does not count: {outcome.value}",
+        )
 
 
 def _decode(frame: str | bytes) -> Hello | Ack | Nack | Renew | Release:

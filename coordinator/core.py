@@ -12,7 +12,7 @@ import gc
 import logging
 import math
 import ssl
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import psycopg
@@ -20,7 +20,7 @@ import trio
 from trio_websocket import WebSocketConnection, WebSocketRequest
 
 from coordinator.admission import ConnectionLimits, Ticket
-from coordinator.connection import serve_connection
+from coordinator.connection import serve_connection, welcome_frame
 from coordinator.events import EventBus, MigrationFinished, Subscriber
 from coordinator.executor import Executor, PostgresExecutor
 from coordinator.fleet import Fleet
@@ -45,6 +45,7 @@ from statemachine.migration import Migration
 from statemachine.migration_fsm import AGENT_LOSS_POLICIES
 from statemachine.phases import MigrationStatus, Phase
 from statemachine.protocol import CLOSE_NOT_LEADER, Ack, Nack, unknown_path_message
+from statemachine.relay import RELAY_PATH
 from statemachine.result import MigrationResult
 from statemachine.sql import build_plan
 from statemachine.sql.catalog import Catalog
@@ -178,6 +179,9 @@ class Coordinator:
         self.collector = CollectorHold()
         #: Where `serve` runs its tasks (the collector's release timer), once it runs.
         self._nursery: trio.Nursery | None = None
+        #: Serves a replica's relay link (path `RELAY_PATH`) while this coordinator leads;
+        #: None: relay links are refused like any unknown path (`lockstep serve` sets it).
+        self.relay_handler: Callable[[WebSocketConnection], Awaitable[None]] | None = None
         #: The lint gate's catalog, read on one held connection (closed by `aclose`).
         self._catalog_reader: CatalogReader | None = None
 
@@ -533,6 +537,9 @@ class Coordinator:
             names.append(run.migration.name)
         return names
 
+    def welcome(self, agent_id: str) -> str | None:
+        return welcome_frame(self)
+
     def agent_joined(self, agent_id: str) -> None:
         if self._active is not None:
             self._active.on_join(agent_id)
@@ -599,6 +606,11 @@ class Coordinator:
         that says so, because a wrong URL (``/ws``, a proxy's prefix) accepted silently hides
         a configuration mistake that the agent's log should name."""
         path = request.path.split("?", 1)[0]
+        if path == RELAY_PATH and self.relay_handler is not None:
+            if ticket is not None:
+                ticket.release()
+            await self._serve_relay(request, self.relay_handler)
+            return
         if path not in ("", "/"):
             log.info("refused a WebSocket upgrade for the unknown path %r", path[:100])
             with contextlib.suppress(Exception):
@@ -614,6 +626,20 @@ class Coordinator:
                 await ws.aclose(CLOSE_NOT_LEADER, self.standby_reason[:120])
             return
         await serve_connection(self, ws, None if ticket is None else ticket.release)
+
+    async def _serve_relay(
+        self, request: WebSocketRequest, handler: Callable[[WebSocketConnection], Awaitable[None]]
+    ) -> None:
+        """A replica's relay link (`coordinator.relay`): served only while this one leads."""
+        try:
+            ws = await request.accept()
+        except Exception:
+            return
+        if self.standby_reason is not None:
+            with trio.move_on_after(2):
+                await ws.aclose(CLOSE_NOT_LEADER, self.standby_reason[:120])
+            return
+        await handler(ws)
 
     async def serve(
         self,

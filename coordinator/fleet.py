@@ -17,6 +17,7 @@ import dataclasses
 import logging
 import math
 from collections.abc import Callable, Iterable, Iterator
+from typing import Protocol
 
 import trio
 
@@ -28,6 +29,14 @@ log = logging.getLogger("lockstep.coordinator")
 OUTBOX_SIZE = 64
 
 
+class Outbox(Protocol):
+    """Where an agent's frames are queued: its connection's bounded channel, or, for an
+    agent of a relaying replica, that relay's link (`coordinator.relay`). `send_nowait`
+    raises `trio.WouldBlock` when full, `trio.BrokenResourceError` when gone."""
+
+    def send_nowait(self, value: str) -> None: ...
+
+
 @dataclasses.dataclass(eq=False)
 class AgentLink:
     """One connected agent as the fleet sees it."""
@@ -35,7 +44,7 @@ class AgentLink:
     agent_id: str
     remote: str
     connected_at: float
-    outbox: trio.MemorySendChannel[str]
+    outbox: Outbox
     #: Set when the coordinator wants this connection closed (slow consumer, shutdown).
     kick: trio.Event = dataclasses.field(default_factory=trio.Event)
     kick_reason: str = ""
@@ -139,6 +148,9 @@ class Fleet:
     @property
     def agent_ids(self) -> frozenset[str]:
         return frozenset(self._links)
+
+    def link(self, agent_id: str) -> AgentLink | None:
+        return self._links.get(agent_id)
 
     def add(self, link: AgentLink) -> None:
         if link.agent_id in self._links:

@@ -47,7 +47,7 @@ from statemachine.phases import MigrationStatus, Phase
 from statemachine.result import MigrationResult
 
 #: Version of the `lockstep` schema this code reads and writes.
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 #: Serializes schema upgrades (its own key: the leader holds `ADVISORY_LOCK_KEY` for as long
 #: as it leads, and a standby must still be able to check the schema).
@@ -92,6 +92,8 @@ ALTER TABLE lockstep.migrations
     ADD COLUMN IF NOT EXISTS force boolean NOT NULL DEFAULT false,
     ADD COLUMN IF NOT EXISTS abort_requested text,
     ADD COLUMN IF NOT EXISTS progress jsonb;
+-- version 4: the URL the leader serves on, where relaying replicas link (docs/replicas.md).
+ALTER TABLE lockstep.leader ADD COLUMN IF NOT EXISTS url text;
 CREATE TABLE IF NOT EXISTS lockstep.schema_version (version int NOT NULL);
 DELETE FROM lockstep.schema_version;
 INSERT INTO lockstep.schema_version (version) VALUES ({version});

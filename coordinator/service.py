@@ -13,6 +13,11 @@ becomes the leader (a *term*) it takes a new epoch and, in this order:
    by ``NOTIFY lockstep`` and polling every `poll_interval` s in case a notification was lost;
 4. applies abort requests (``lockstep abort``) to the run in flight.
 
+With ``relay=True`` (``lockstep serve --relay``) a standby does not send agents away: it
+*relays* for the leader (`coordinator.relay`, docs/replicas.md). It serves them as the leader
+would, over one link to the leader whose URL each leader writes into ``lockstep.leader``, so
+a fleet spread over R replicas costs each about 1/R. A relay stops relaying while it leads.
+
 A term ends when the leadership is lost (a failed probe: the leader stops acting within a few
 seconds and drops its agents, which reconnect to the new leader) or when the service stops.
 Stopping (SIGTERM, SIGINT, a cancelled scope) never rolls back: the run in flight stays
@@ -30,7 +35,9 @@ from typing import Any
 
 import psycopg
 import trio
+from trio_websocket import WebSocketRequest
 
+from coordinator.admission import Ticket
 from coordinator.core import Coordinator
 from coordinator.executor import PostgresExecutor
 from coordinator.history import PostgresHistory
@@ -39,11 +46,14 @@ from coordinator.leader import Deposed, Leadership, default_holder, open_leaders
 from coordinator.pg.attempts import DEFAULT_STATEMENT_TIMEOUT, RetryPolicy
 from coordinator.pg.errors import pg_message
 from coordinator.pg.notify import listen
+from coordinator.pg.thread import query
 from coordinator.queue import CHANNEL, abort_requested, mark_not_run, next_queued
+from coordinator.relay import Relay, RelayHub
 from coordinator.server import serve_bounded
 from statemachine.exceptions import AlreadyApplied, unwrap_single_group
 from statemachine.gate import MigrationRejected
 from statemachine.protocol import CLOSE_NOT_LEADER
+from statemachine.relay import RELAY_PATH
 
 log = logging.getLogger("lockstep.coordinator")
 
@@ -69,8 +79,15 @@ class Service:
         leader_poll_interval: float,
         probe_interval: float,
         probe_timeout: float,
+        relay: Relay | None = None,
     ) -> None:
+        #: The relay links this replica serves while it leads: every leader accepts them
+        #: (authenticated with the fleet secret).
+        self.hub = RelayHub(coordinator)
+        coordinator.relay_handler = self.hub.serve
         self.dsn = dsn
+        #: Relays for the leader while this replica stands by (None: sends agents away).
+        self.relay = relay
         self.coordinator = coordinator
         self.history = history
         self.holder = holder
@@ -103,6 +120,20 @@ class Service:
     async def wait_until_leader(self) -> None:
         await self._leading.wait()
 
+    async def handle_request(self, request: WebSocketRequest, ticket: Ticket | None = None) -> None:
+        """An agent's upgrade: served by the leader's coordinator, or by this standby's relay
+        while it is linked to the leader; otherwise refused (4011) by the coordinator."""
+        relay = self.relay
+        if (
+            relay is not None
+            and relay.linked
+            and not self.is_leader()
+            and request.path.split("?", 1)[0] in ("", "/")
+        ):
+            await relay.handle_request(request, ticket)
+        else:
+            await self.coordinator.handle_request(request, ticket)
+
     # ----------------------------------------------------------- the loop
     async def run(self) -> None:
         """Stand by, lead, and stand by again after a lost term, until cancelled."""
@@ -129,9 +160,12 @@ class Service:
 
     async def _term(self, leadership: Leadership) -> None:
         coordinator = self.coordinator
+        if self.relay is not None:
+            self.relay.pause("this replica leads now")
         self.history.lead_with(leadership)
         coordinator.begin_term()
         try:
+            await self._advertise(leadership)
             for name in await self.history.mark_unresumable(when_free=False):
                 log.warning("migration %r was left running with no checkpoint: interrupted", name)
             await coordinator.load_history()
@@ -158,6 +192,17 @@ class Service:
             self._leading = trio.Event()
             self.history.lead_with(None)
             coordinator.drop_agents(CLOSE_NOT_LEADER, "this coordinator stopped leading")
+            self.hub.close_all()
+            if self.relay is not None:
+                self.relay.resume()
+
+    async def _advertise(self, leadership: Leadership) -> None:
+        """Write where this leader serves, for relaying replicas (fenced by the epoch)."""
+        await query(
+            self.dsn,
+            "UPDATE lockstep.leader SET url = %s WHERE id = 1 AND epoch = %s",
+            (self.coordinator.url, leadership.epoch),
+        )
 
     @property
     def url(self) -> str:
@@ -221,6 +266,7 @@ async def open_service(
     probe_timeout: float = 3.0,
     http_host: str = "127.0.0.1",
     http_port: int | None = None,
+    relay: bool = False,
     **coordinator_options: Any,
 ) -> AsyncIterator[Service]:
     """Run a `Service` on `dsn`, listening for agents on `host:port`, until the body ends.
@@ -228,7 +274,8 @@ async def open_service(
     Leaving the body (or cancelling it) stops the service without rolling anything back
     (module docstring). With `http_port` (0: any free port) it also serves ``/healthz``,
     ``/readyz`` (200 only while leading with the database reachable) and ``/metrics``
-    (`coordinator.http`) on `http_host`. `coordinator_options` go to `Coordinator` (token,
+    (`coordinator.http`) on `http_host`. With `relay`, it relays for the leader while it
+    stands by (module docstring). `coordinator_options` go to `Coordinator` (token,
     shared_token, heartbeat_interval, handshake_timeout, limits).
     """
     history = PostgresHistory(dsn)
@@ -244,9 +291,10 @@ async def open_service(
     coordinator.standby_reason = STANDBY
     with unwrap_single_group():
         async with trio.open_nursery() as nursery:
+            handler = _Dispatch()
             server = await nursery.start(
                 serve_bounded,
-                coordinator.handle_request,
+                handler,
                 host,
                 port,
                 ssl_context,
@@ -264,7 +312,23 @@ async def open_service(
                 leader_poll_interval=leader_poll_interval,
                 probe_interval=probe_interval,
                 probe_timeout=probe_timeout,
+                relay=None
+                if not relay
+                else Relay(
+                    dsn,
+                    url=coordinator.url,
+                    token=coordinator.token,
+                    shared_token=coordinator.shared_token,
+                    handshake_timeout=coordinator.handshake_timeout,
+                    heartbeat_interval=coordinator.heartbeat_interval,
+                    lease_seconds=coordinator.lease_seconds,
+                    poll_interval=leader_poll_interval,
+                ),
             )
+            handler.service = service
+            if service.relay is not None:
+                await nursery.start(service.relay.run)
+                nursery.start_soon(service.relay.fleet.sweep_leases, _ignore)
             if http_port is not None:
                 service.http_port = await nursery.start(
                     functools.partial(
@@ -279,4 +343,22 @@ async def open_service(
                 await coordinator.aclose()  # the lint catalog's held connection
 
 
-__all__ = ["STANDBY", "Service", "open_service"]
+class _Dispatch:
+    """The listening socket's handler: the service's, once it exists (the socket is bound
+    first, because the service needs its URL)."""
+
+    service: Service | None = None
+
+    async def __call__(self, request: WebSocketRequest, ticket: Ticket | None = None) -> None:
+        if self.service is not None:
+            await self.service.handle_request(request, ticket)
+        else:
+            with contextlib.suppress(Exception):
+                await request.reject(503)
+
+
+def _ignore(agent_id: str) -> None:
+    """A relay's agent whose lease expired: its link is closed; the leader decides."""
+
+
+__all__ = ["RELAY_PATH", "STANDBY", "Service", "open_service"]

@@ -178,14 +178,21 @@ def frame_depth(frame: str | bytes) -> int:
     return deepest
 
 
-def _decode(
-    decoder: msgspec.json.Decoder[object], frame: str | bytes, types: tuple[str, ...]
+def decode_frame(
+    decoder: msgspec.json.Decoder[object],
+    frame: str | bytes,
+    types: tuple[str, ...],
+    *,
+    max_bytes: int = MAX_FRAME_BYTES,
 ) -> object:
+    """Decode `frame` with `decoder` under the size and depth bounds; `types` name the
+    expected tags in the error for an unknown one. Shared by the relay frames
+    (`statemachine.relay`), which allow larger frames (`max_bytes`)."""
     size = len(frame)
-    if isinstance(frame, str) and size * 4 > MAX_FRAME_BYTES:
+    if isinstance(frame, str) and size * 4 > max_bytes:
         size = len(frame.encode())  # a character is up to 4 bytes in UTF-8
-    if size > MAX_FRAME_BYTES:
-        raise ProtocolError("frame_too_large", f"frame of {size} bytes exceeds {MAX_FRAME_BYTES}")
+    if size > max_bytes:
+        raise ProtocolError("frame_too_large", f"frame of {size} bytes exceeds {max_bytes}")
     depth = frame_depth(frame)
     if depth > MAX_FRAME_DEPTH:
         raise ProtocolError(
@@ -210,14 +217,14 @@ def _decode(
 
 def decode_agent_message(frame: str | bytes) -> Hello | Ack | Nack | Renew | Release:
     """Parse a frame an agent sent; raises `ProtocolError` with a precise reason."""
-    msg = _decode(_agent_decoder, frame, AGENT_TYPES)
+    msg = decode_frame(_agent_decoder, frame, AGENT_TYPES)
     assert isinstance(msg, Hello | Ack | Nack | Renew | Release)
     return msg
 
 
 def decode_coordinator_message(frame: str | bytes) -> Welcome | PhaseNotice | LeaseGrant | Error:
     """Parse a frame the coordinator sent; raises `ProtocolError` with a precise reason."""
-    msg = _decode(_coordinator_decoder, frame, COORDINATOR_TYPES)
+    msg = decode_frame(_coordinator_decoder, frame, COORDINATOR_TYPES)
     assert isinstance(msg, Welcome | PhaseNotice | LeaseGrant | Error)
     return msg
 
@@ -262,6 +269,7 @@ __all__ = [
     "Welcome",
     "decode_agent_message",
     "decode_coordinator_message",
+    "decode_frame",
     "encode",
     "frame_depth",
     "unknown_path_message",

@@ -171,6 +171,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.0,
         help="the coordinator's WebSocket ping interval in seconds (0: off, the default)",
     )
+    p.add_argument(
+        "--replicas",
+        type=int,
+        default=0,
+        help="instead: a leader and REPLICAS-1 relaying `lockstep serve` replicas against one"
+        " coordinator, CPU per process (tests/bench/fleet_replicas.py)",
+    )
     return p
 
 
@@ -511,6 +518,10 @@ def write_section(path: Path, section: str) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.replicas:
+        from tests.bench import fleet_replicas
+
+        return fleet_replicas.run(args, argv)
     console = scaffold.console()
     started = time.monotonic()
     with resolve_dsn(args.dsn) as server:

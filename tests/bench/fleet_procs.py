@@ -87,14 +87,16 @@ async def _hold(url: str, agent_id: str, joining: trio.Semaphore, stop: trio.Eve
             joining.release()
 
 
-async def run_agents(coordinator: str, raw: str, count: int, prefix: str) -> None:
-    """`count` agents on each server until stdin closes."""
+async def run_agents(coordinator: str, raw: str | None, count: int, prefix: str) -> None:
+    """`count` agents on each server (the coordinator alone without `raw`) until stdin
+    closes."""
     stop = trio.Event()
     joined = trio.Semaphore(CONNECT_CONCURRENCY)
     async with trio.open_nursery() as nursery:
         for i in range(count):
             nursery.start_soon(_hold, coordinator, f"{prefix}{i}", joined, stop)
-            nursery.start_soon(_hold, raw, f"{prefix}{i}", joined, stop)
+            if raw is not None:
+                nursery.start_soon(_hold, raw, f"{prefix}{i}", joined, stop)
         _say({"started": count})
         async for _ in _lines():
             pass
@@ -205,7 +207,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="what", required=True)
     agents = sub.add_parser("agents", help="hold agents on the coordinator and the raw server")
     agents.add_argument("--coordinator", required=True)
-    agents.add_argument("--raw", required=True)
+    agents.add_argument("--raw", help="the raw server's URL (none: the coordinator only)")
     agents.add_argument("--count", type=int, required=True)
     agents.add_argument("--prefix", required=True)
     sub.add_parser("raw", help="the raw baseline server")

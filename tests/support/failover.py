@@ -316,13 +316,7 @@ async def run_fault(
     finally:
         if app is not None:
             await app.quit()
-        for survivor in (leader, second):
-            if survivor is not None and survivor.poll() is None:
-                survivor.send_signal(signal.SIGTERM)
-                try:
-                    await trio.to_thread.run_sync(survivor.wait, 30)
-                except subprocess.TimeoutExpired:
-                    outcome.problems.append("a coordinator did not stop on SIGTERM")
+        await stop_coordinators(outcome, leader, second)
         reap(leader, second, None if app is None else app.proc)
         texts = []
         for log in logs:
@@ -340,6 +334,17 @@ async def run_fault(
             if outcome.deposed is None:
                 outcome.problems.append("the leader never said it lost the leadership")
     return outcome
+
+
+async def stop_coordinators(outcome: Outcome, *procs: subprocess.Popen[str] | None) -> None:
+    """SIGTERM each coordinator still running; one that does not stop is a problem."""
+    for survivor in procs:
+        if survivor is not None and survivor.poll() is None:
+            survivor.send_signal(signal.SIGTERM)
+            try:
+                await trio.to_thread.run_sync(survivor.wait, 30)
+            except subprocess.TimeoutExpired:
+                outcome.problems.append("a coordinator did not stop on SIGTERM")
 
 
 def _logged_after(log: str, text: str, since: float) -> float | None:

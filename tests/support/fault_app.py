@@ -1,7 +1,7 @@
 """An application process for the fault tests: agents, a query loop each, and a control pipe.
 
     python -m tests.support.fault_app --dsn DSN --url ws://A --url ws://B [--agents 2]
-        [--migration NAME] [--hold on_apply] [--nack on_apply]
+        [--migration NAME] [--hold on_apply] [--nack on_apply] [--id-prefix app]
 
 It stands for a real app instance set: each agent is a `ThreadedAgent` (given `dsn=` so it
 could boot without a coordinator) with one thread running the app's query in a loop, wrapped
@@ -124,7 +124,7 @@ class App:
         for i in range(self.args.agents):
             agent = ThreadedAgent(
                 self.args.url,
-                agent_id=f"app-{i}",
+                agent_id=f"{self.args.id_prefix}-{i}",
                 dsn=self.args.dsn,
                 connect_timeout=5,
                 **{h: self.hook(i, h) for h in HOOKS},
@@ -179,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--migration", default="001_add_email")
     parser.add_argument("--hold", choices=HOOKS)
     parser.add_argument("--nack", choices=HOOKS)
+    parser.add_argument("--id-prefix", default="app", help="agent ids: PREFIX-0, PREFIX-1...")
     args = parser.parse_args(argv)
     app = App(args)
     app.start()

@@ -63,6 +63,12 @@ def register(subparsers: Subparsers) -> None:
         default=2.0,
         help="seconds between queue polls (NOTIFY wakes the leader at once anyway)",
     )
+    parser.add_argument(
+        "--relay",
+        action="store_true",
+        help="while standing by, serve agents for the leader (relay its notices, forward "
+        "its agents' acks and leases) instead of sending them away (docs/replicas.md)",
+    )
     parser.set_defaults(func=run)
 
 
@@ -92,6 +98,7 @@ async def _serve(args: argparse.Namespace, dsn: str, out: Output) -> None:
         statement_timeout=args.statement_timeout,
         lock_retry=serving.retry_policy(args),
         poll_interval=args.poll_interval,
+        relay=args.relay,
         http_host=args.http_host,
         http_port=args.http_port,
         token=args.fleet_secret,
@@ -104,7 +111,11 @@ async def _serve(args: argparse.Namespace, dsn: str, out: Output) -> None:
         if service.http_port is not None:
             out.event(f"HTTP endpoints on http://{safe(args.http_host)}:{service.http_port}")
         if not service.is_leader():
-            out.event("standing by until this replica can lead the database...")
+            out.event(
+                "relaying for the leader until this replica can lead the database..."
+                if args.relay
+                else "standing by until this replica can lead the database..."
+            )
         await service.wait_until_leader()
         out.event(f"[bold]leading[/] with epoch {service.epoch()}")
         await trio.sleep_forever()
