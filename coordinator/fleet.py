@@ -86,10 +86,19 @@ class Fleet:
         """Agents not connected whose lease has not certainly expired yet."""
         return self.leases.holders - self._links.keys()
 
-    def grant(self, agent_id: str) -> bool:
+    def grant(self, agent_id: str, *, first: bool = False) -> bool:
         """Grant (or renew) `agent_id`'s lease now; False if it certainly expired already
-        (it was declared gone: its connection is being closed, it must reconnect)."""
+        (it was declared gone: its connection is being closed, it must reconnect).
+
+        `first`: the Welcome of a new connection, always a fresh lease for a registered
+        link. Without it, a reconnect landing after the previous connection's lease
+        certainly expired but before the sweeper popped it would get a Welcome the
+        coordinator does not count, then be declared gone while the agent serves."""
         now = trio.current_time()
+        if first and agent_id in self._links:
+            self.leases.grant(agent_id, now)
+            self._lease_added.set()
+            return True
         if agent_id not in self.leases:
             if agent_id not in self._links:
                 return False

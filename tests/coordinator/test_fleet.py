@@ -1,0 +1,39 @@
+"""`Fleet`'s lease bookkeeping at the edges a sweeper tick leaves open."""
+
+from __future__ import annotations
+
+import trio
+import trio.testing
+
+from coordinator.fleet import AgentLink, Fleet
+from statemachine.lease import certainly_expired_after
+
+LEASE = 1.0
+
+
+def _link(fleet: Fleet, agent_id: str) -> AgentLink:
+    send, _ = trio.open_memory_channel[str](4)
+    link = AgentLink(agent_id, "127.0.0.1:1", 0.0, send)
+    fleet.add(link)
+    return link
+
+
+async def test_a_reconnect_after_an_unswept_expiry_gets_a_counted_lease(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The previous connection's lease certainly expired, and the sweeper has not popped it
+    yet, when the agent connects again: its Welcome must be a lease the coordinator counts
+    (else it is declared gone while it serves on what the Welcome said), and a renewal of
+    it is granted."""
+    fleet = Fleet(LEASE)
+    first = _link(fleet, "a")
+    assert fleet.grant("a", first=True)
+    fleet.remove(first)  # the connection closed: departing
+    await trio.sleep(certainly_expired_after(LEASE) + 0.1)  # no sweeper runs here
+    assert not fleet.grant("a"), "a renewal after the certain expiry is refused"
+    _link(fleet, "a")
+    assert fleet.grant("a", first=True)
+    now = trio.current_time()
+    assert fleet.leases.holds("a", now)
+    assert fleet.leases.pop_expired(now) == []
+    assert fleet.grant("a")
