@@ -294,10 +294,10 @@ class Coordinator:
             started = Checkpoint.of(run.machine)
             await self.history.record_start(migration, started)
             run.mark_durable(started)
-            return await self._drive_run(run, rollback_on_cancel=rollback_on_cancel)
+            return await self._drive_run(run, rollback_on_cancel=rollback_on_cancel, catch_up=True)
 
     async def _drive_run(
-        self, run: MigrationRun, *, rollback_on_cancel: bool = True
+        self, run: MigrationRun, *, rollback_on_cancel: bool = True, catch_up: bool = False
     ) -> MigrationResult:
         """Run `run` to its end as the active migration; the caller holds the locks.
 
@@ -308,6 +308,10 @@ class Coordinator:
         """
         migration = run.migration
         self._active = run
+        if catch_up:
+            # A new run's machine copied the fleet before its start was recorded; a resumed
+            # one was rebuilt from a checkpoint whose absent agents must stay in its cohort.
+            run.catch_up_with_fleet()
         try:
             token = self.collector.hold()
             with unwrap_single_group():

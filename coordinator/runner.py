@@ -147,6 +147,27 @@ class MigrationRun:
         if self.machine.agent_disconnected(agent_id) is AckOutcome.RECORDED:
             self._wake()
 
+    def catch_up_with_fleet(self) -> None:
+        """Report what the fleet did since the machine took its snapshot of it.
+
+        The machine copies the fleet when the run is built, but the coordinator routes
+        joins, departures and expired leases to a run only once it is the active one, and
+        between the two the start is written to the history (a database round trip). An
+        agent that left in that gap would otherwise stay in the cohort and ANNOUNCE would
+        wait the whole ack timeout for it; one that joined would not be counted.
+        """
+        fleet, machine = self.fleet, self.machine
+        connected = fleet.agent_ids
+        for agent_id in sorted(machine.connected - connected):
+            if agent_id in fleet.leases:
+                self.on_leave(agent_id)  # gone, but its lease may still be valid
+            else:
+                self.on_lease_expired(agent_id)  # its lease expired or it released it
+        for agent_id in sorted(machine.departing - fleet.leases.holders):
+            self.on_lease_expired(agent_id)
+        for agent_id in sorted(connected - machine.connected):
+            self.on_join(agent_id)
+
     def on_lease_expired(self, agent_id: str, *, released: bool = False) -> None:
         """The agent's lease certainly expired, or it gave it back (`released`: it stopped
         cleanly): either way it is fenced (see statemachine.lease)."""

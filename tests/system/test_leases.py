@@ -19,6 +19,7 @@ import textwrap
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import psycopg
 import pytest
@@ -29,7 +30,7 @@ from coordinator import Coordinator, open_coordinator
 from coordinator.events import Event, PhaseStarted
 from statemachine import Migration, MigrationResult, MigrationStatus, Phase
 from statemachine.lease import certainly_expired_after
-from tests.support.flow import execute
+from tests.support.flow import execute, raw_client, say_hello
 from tests.support.tcp_proxy import open_tcp_proxy
 
 LEASE = 1.5
@@ -430,3 +431,47 @@ async def test_an_agent_stopped_with_work_in_flight_keeps_its_lease(dsn: str) ->
             with pytest.raises(AgentFenced, match="stopped"), stopped[0].using(NAME):
                 pass
             finish.set()
+
+
+@pytest.mark.parametrize("how", ["released", "lease expired"])
+async def test_an_agent_gone_while_the_start_is_recorded_is_not_waited_for(
+    dsn: str, how: str
+) -> None:
+    """The run counts its fleet, then writes its start to PostgreSQL; an agent that leaves
+    during that write (stopped cleanly, or gone and its lease certainly expired) must still
+    reach the run as gone, or ANNOUNCE waits the whole ack timeout for it and rolls back."""
+    make_items(dsn)
+    async with open_coordinator(dsn, port=0, ack_timeout=20, lease_seconds=LEASE) as coord:
+        record_start = coord.history.record_start
+        counted, leave, gone = trio.Event(), trio.Event(), trio.Event()
+
+        async def slow_start(*args: Any) -> None:
+            counted.set()  # the run counted its fleet; the agent leaves before the write
+            await gone.wait()
+            await record_start(*args)
+
+        async def leaver() -> None:
+            if how == "released":
+                async with open_agent(coord.url, agent_id="leaver"):
+                    await leave.wait()
+            else:
+                async with raw_client(coord.url) as ws:  # no renewals, no Release
+                    await say_hello(ws, "leaver")
+                    await leave.wait()
+
+        async def leave_once_counted() -> None:
+            await counted.wait()
+            leave.set()
+            while "leaver" in coord.agents or "leaver" in coord.fleet.departing:
+                await trio.sleep(0.01)
+            gone.set()
+
+        coord.history.record_start = slow_start  # type: ignore[method-assign]
+        async with trio.open_nursery() as n, open_agent(coord.url, agent_id="stayer"):
+            n.start_soon(leaver)
+            n.start_soon(leave_once_counted)
+            await coord.wait_for_agents(2, timeout=10)
+            with trio.fail_after(15):
+                result = await coord.run_migration(rename(contract_sql=None))
+    assert result.status is MigrationStatus.COMPLETED, result.reason
+    assert result.departed == ("leaver",)
