@@ -12,7 +12,8 @@ import pytest
 import trio
 
 from coordinator import open_coordinator
-from tests.coordinator.test_flood import _connect_and_reset, _join_and_migrate, _port, open_fds
+from tests.coordinator.test_flood import _connect_and_reset, _join_and_migrate, _port
+from tests.support.descriptors import ACCEPTED, OTHER, POSTGRES, descriptor_kinds
 from tests.support.fuzzing import fuzz_clients, now, rss_bytes
 
 pytestmark = pytest.mark.fault
@@ -40,7 +41,8 @@ async def test_a_million_frames(dsn: str, caplog: pytest.LogCaptureFixture) -> N
 async def test_reset_flood_while_an_agent_joins(dsn: str) -> None:
     async with open_coordinator(dsn, port=0) as coord:
         port = _port(coord)
-        baseline, before = open_fds(), rss_bytes()
+        await _join_and_migrate(coord, "before_flood")
+        baseline, before = descriptor_kinds(port, dsn), rss_bytes()
         connections = 0
         joined: list[float] = []
 
@@ -57,10 +59,19 @@ async def test_reset_flood_while_an_agent_joins(dsn: str) -> None:
             nursery.start_soon(flood)
             await trio.sleep(2)
             joined.append(await _join_and_migrate(coord, "during_flood"))
-        await trio.sleep(1)
+        # Sockets still in the accept backlog or being closed when the flood stops take a
+        # moment to go; what matters is that they all go, not that they go within one second.
+        with trio.move_on_after(5):
+            while descriptor_kinds(port, dsn)[ACCEPTED]:
+                await trio.sleep(0.05)
+        after = descriptor_kinds(port, dsn)
         print(
-            f"\nflood: {connections} connections, fds {baseline} -> {open_fds()}, "
+            f"\nflood: {connections} connections, descriptors {dict(baseline)} -> {dict(after)}, "
             f"RSS {before >> 20} -> {rss_bytes() >> 20} MiB, agent joined in {joined[0]:.2f} s"
         )
-        assert open_fds() <= baseline + 4
+        # The PostgreSQL connections the coordinator keeps come and go with its bookkeeping
+        # (opened lazily, replaced when dropped): bounded, but not fixed by the warm-up.
+        assert after[ACCEPTED] == 0
+        assert after[OTHER] <= baseline[OTHER]
+        assert after[POSTGRES] <= 4
         assert joined[0] < 5
