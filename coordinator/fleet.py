@@ -88,7 +88,8 @@ class Fleet:
 
     def grant(self, agent_id: str, *, first: bool = False) -> bool:
         """Grant (or renew) `agent_id`'s lease now; False if it certainly expired already
-        (it was declared gone: its connection is being closed, it must reconnect).
+        or was released (it was declared gone: its connection is being closed, it must
+        reconnect).
 
         `first`: the Welcome of a new connection, always a fresh lease for a registered
         link. Without it, a reconnect landing after the previous connection's lease
@@ -99,13 +100,11 @@ class Fleet:
             self.leases.grant(agent_id, now)
             self._lease_added.set()
             return True
-        if agent_id not in self.leases:
-            if agent_id not in self._links:
-                return False
-            self.leases.grant(agent_id, now)
-            self._lease_added.set()
-            return True
         if not self.leases.holds(agent_id, now):
+            # Not in the table: released, or declared gone by the sweeper, whose close of
+            # the link may not have taken effect yet. A grant now would revive, on the
+            # agent, a lease the coordinator already counted out (it may be running
+            # CONTRACT): the agent waits out its late-grant window and reconnects instead.
             return False
         self.leases.grant(agent_id, now)
         return True

@@ -37,3 +37,33 @@ async def test_a_reconnect_after_an_unswept_expiry_gets_a_counted_lease(
     assert fleet.leases.holds("a", now)
     assert fleet.leases.pop_expired(now) == []
     assert fleet.grant("a")
+
+
+async def test_a_renewal_read_after_the_sweep_is_refused(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The sweeper declared the agent gone and asked its link to close, and a renewal
+    already read from that link arrives before the close took effect: granting it would
+    make the agent's lease valid again after the coordinator counted it out."""
+    fleet = Fleet(LEASE)
+    _link(fleet, "a")
+    assert fleet.grant("a", first=True)
+    gone: list[str] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(fleet.sweep_leases, gone.append)
+        await trio.sleep(certainly_expired_after(LEASE) + 0.1)
+        nursery.cancel_scope.cancel()
+    assert gone == ["a"]
+    assert "a" in fleet, "the link is still registered: its close is under way"
+    assert not fleet.grant("a")
+    assert "a" not in fleet.leases
+
+
+async def test_a_renewal_after_a_release_is_refused(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    fleet = Fleet(LEASE)
+    _link(fleet, "a")
+    assert fleet.grant("a", first=True)
+    fleet.release("a")
+    assert not fleet.grant("a"), "the agent said it stopped serving: nothing to renew"
