@@ -101,11 +101,20 @@ class AsyncioAgent(AgentSession):
                 self.log_resync_failure(step)
 
     async def keep_lease(self, ws: ClientConnection) -> None:
-        """Renew the lease every lease/3 s; return once it lapsed (`Agent.keep_lease`)."""
+        """Renew the lease every lease/3 s; return once it lapsed and no late grant came
+        (`Agent.keep_lease`)."""
         while (interval := self.renew_every) is not None:
             await asyncio.sleep(interval)
             if self.lease_lapsed():
-                return
+                # One more renewal, counted from now, then wait for it or a late grant of
+                # those in flight (`AgentSession.late_grant_wait`).
+                self.log_lease_lapsed()
+                with contextlib.suppress(ConnectionClosed):
+                    await ws.send(self.renew_frame())
+                while (wait := self.late_grant_wait()) > 0:
+                    await asyncio.sleep(wait)
+                if self.lapse_is_final():
+                    return
             with contextlib.suppress(ConnectionClosed):
                 await ws.send(self.renew_frame())
         await asyncio.Future()  # no leases: only the connection's end ends the session

@@ -115,12 +115,21 @@ class Agent(AgentSession):
         await self.serve_leased(ws)
 
     async def keep_lease(self, ws: WebSocketConnection) -> None:
-        """Renew the lease every lease/3 seconds; return once it lapsed (the link is dead
-        even if it looks open: a partition), or at once if the coordinator grants none."""
+        """Renew the lease every lease/3 seconds; return once it lapsed and no late grant
+        came (`AgentSession.late_grant_wait`: the link is dead even if it looks open, a
+        partition), or at once if the coordinator grants none."""
         while (interval := self.renew_every) is not None:
             await trio.sleep(interval)
             if self.lease_lapsed():
-                return
+                # One more renewal, counted from now, then wait for it or a late grant of
+                # those in flight (`AgentSession.late_grant_wait`).
+                self.log_lease_lapsed()
+                with contextlib.suppress(ConnectionClosed):
+                    await ws.send_message(self.renew_frame())
+                while (wait := self.late_grant_wait()) > 0:
+                    await trio.sleep(wait)
+                if self.lapse_is_final():
+                    return
             with contextlib.suppress(ConnectionClosed):
                 await ws.send_message(self.renew_frame())
 

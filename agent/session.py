@@ -23,6 +23,7 @@ from statemachine.agent_fsm import AgentMachine, AgentState, Hook, Step
 from statemachine.lease import (
     DEFAULT_LEASE_SECONDS,
     AgentLease,
+    certainly_expired_after,
     check_lease_seconds,
     renew_interval,
 )
@@ -192,7 +193,10 @@ class AgentSession:
             return None  # a coordinator that grants no leases: vouched while it is up
         if self.lease.valid(now):
             return None
-        return f"its lease ({self.lease.seconds:g} s) lapsed without renewal; reconnecting"
+        return (
+            f"its lease ({self.lease.seconds:g} s) lapsed without renewal; waiting for a "
+            f"late grant, or reconnecting"
+        )
 
     @property
     def fenced(self) -> bool:
@@ -290,16 +294,51 @@ class AgentSession:
         return encode(Renew(seq=self.lease.request(self.clock())))
 
     def lease_lapsed(self) -> bool:
-        """The lease ran out while the link looked alive (a partition): the agent is fenced
-        and must drop the link, reconnect and resync."""
-        if self.lease.seconds == 0 or self.lease.valid(self.clock()):
-            return False
+        """The lease ran out (the agent is fenced: `using` raises `AgentFenced`)."""
+        return self.lease.seconds != 0 and not self.lease.valid(self.clock())
+
+    def late_grant_wait(self) -> float:
+        """After the lease lapsed: seconds to sleep before looking again whether a late
+        grant renewed it; 0 once one did, or once none can come any more.
+
+        Why wait at all: a renewal that an overloaded coordinator reads late is granted
+        late, and the coordinator counts it from when it reads it. Until it counts the
+        lease certainly expired (`certainly_expired_after`: 0.1 L + 1 s after the agent's
+        own lapse at the earliest) it still grants, and a grant, counted here from the
+        request's send time, makes the lease valid again safely. Dropping the link at once
+        would turn one slow renewal into a reconnect, a Welcome and a resync: at 10,000
+        agents, a storm that slows the coordinator further. After that window the
+        coordinator grants nothing more (it closes the link), so waiting longer is useless.
+        Looked at ten times per renewal interval: a few wake-ups per lapse, and the agent
+        renews again soon after a late grant.
+        """
+        return min(self._late_grant_left(), renew_interval(self.lease.seconds) / 10)
+
+    def _late_grant_left(self) -> float:
+        if not self.lease_lapsed():
+            return 0.0
+        window = certainly_expired_after(self.lease.seconds) - self.lease.seconds
+        return max(0.0, self.lease.valid_until + window - self.clock())
+
+    def log_lease_lapsed(self) -> None:
         log.warning(
-            "agent %s: lease lapsed (no renewal within %g s): fenced until it reconnects",
+            "agent %s: lease lapsed (no renewal within %g s): fenced; waiting %.1f s "
+            "for a late grant before reconnecting",
             self.agent_id,
             self.lease.seconds,
+            self._late_grant_left(),
         )
-        return True
+
+    def lapse_is_final(self) -> bool:
+        """After `late_grant_wait`: True if the lease is still lapsed (drop the link,
+        reconnect and resync), False if a late grant renewed it."""
+        if self.lease_lapsed():
+            log.warning(
+                "agent %s: no late grant came: dropping the link to reconnect", self.agent_id
+            )
+            return True
+        log.info("agent %s: a late grant renewed the lease: serving again", self.agent_id)
+        return False
 
     def adopt_durable(self, applied: Iterable[str], read_at: float | None = None) -> bool:
         """Take the applied set read from PostgreSQL (the read began at `read_at`), unless a

@@ -20,6 +20,7 @@ from coordinator import Coordinator, open_coordinator, serve_coordinator
 from statemachine import Migration, MigrationStatus
 from tests.support.asyncio_app import AsyncioApp
 from tests.support.flow import make_users
+from tests.support.tcp_proxy import open_tcp_proxy
 
 
 @pytest.fixture(scope="module")
@@ -140,4 +141,38 @@ async def test_a_stopped_asyncio_agent_releases_its_lease(dsn: str) -> None:
         await trio.to_thread.run_sync(app.stop)
         await _until(lambda: "fastapi-1" not in coord.agents)
         assert "fastapi-1" not in coord.fleet.departing
+    assert app.error is None
+
+
+async def test_the_asyncio_agent_keeps_its_link_through_a_late_grant(dsn: str) -> None:
+    """As the trio agent does (`test_leases`): renewals held up for longer than its lease
+    but less than the coordinator's skew margin fence it, then the late grants revive it on
+    the same link."""
+    lease = 0.9
+    async with (
+        open_coordinator(dsn, lease_seconds=lease) as coord,
+        open_tcp_proxy(coord.url) as proxy,
+    ):
+        app = AsyncioApp(f"ws://127.0.0.1:{proxy.port}", agent_id="slow-aio", lease_seconds=lease)
+        await trio.to_thread.run_sync(app.start)
+        try:
+            agent = app.agent
+            assert agent is not None
+            await _until(lambda: "slow-aio" in coord.agents)
+            await _until(lambda: agent.ready)
+            proxy.blackhole()
+            fenced = False
+            with trio.move_on_after(1.3):
+                while True:
+                    fenced = fenced or agent.fenced
+                    await trio.sleep(0.005)
+            assert fenced, "the renewals were held for longer than the lease"
+            proxy.forward()
+            await _until(lambda: agent.ready, timeout=1)
+            await trio.sleep(lease * 2)
+            assert agent.ready
+            assert agent.sessions == 1, "the agent reconnected instead of taking the late grant"
+            assert "slow-aio" in coord.agents
+        finally:
+            await trio.to_thread.run_sync(app.stop)
     assert app.error is None

@@ -27,7 +27,7 @@ import trio
 
 from agent import Agent, AgentFenced, MigrationInfo, open_agent
 from coordinator import Coordinator, open_coordinator
-from coordinator.events import Event, PhaseStarted
+from coordinator.events import AgentLeft, Event, PhaseStarted
 from statemachine import Migration, MigrationResult, MigrationStatus, Phase
 from statemachine.lease import certainly_expired_after
 from tests.support.flow import execute, raw_client, say_hello
@@ -193,6 +193,46 @@ async def test_a_partitioned_agent_fences_itself_before_contract(dsn: str) -> No
         assert traffic["direct"].failed == 0, traffic["direct"].errors
         assert traffic["behind"].failed == 0, traffic["behind"].errors
         assert traffic["behind"].fenced > 0
+
+
+#: Short, so that the span between the agent's lapse and the coordinator's certain expiry
+#: (0.1 L + 1 s, minus up to a renewal interval of phase) is wide next to the heal's timing.
+LATE_LEASE = 0.9
+
+
+async def test_a_grant_late_by_less_than_the_skew_margin_keeps_the_link(dsn: str) -> None:
+    """Renewals held up for 1.3 s (longer than the 0.9 s lease, shorter than the 1.69 s the
+    coordinator waits at least before counting it gone): the agent is fenced meanwhile, but
+    it keeps its link and its fleet membership when the grants come: no reconnect, no
+    Welcome, no resync, which at 10,000 agents would be a storm of them."""
+    async with (
+        open_coordinator(dsn, port=0, lease_seconds=LATE_LEASE) as coord,
+        open_tcp_proxy(coord.url) as proxy,
+        open_agent(
+            f"ws://127.0.0.1:{proxy.port}", agent_id="slow", lease_seconds=LATE_LEASE
+        ) as agent,
+    ):
+        await coord.wait_for_agents(1, timeout=10)
+        left: list[Event] = []
+        coord.subscribe(lambda e: left.append(e) if isinstance(e, AgentLeft) else None)
+        assert agent.ready
+        proxy.blackhole()
+        fenced = False
+        with trio.move_on_after(1.3):
+            while True:
+                fenced = fenced or agent.fenced
+                await trio.sleep(0.005)
+        assert fenced, "the renewals were held for longer than the lease"
+        proxy.forward()
+        with trio.fail_after(1):
+            while not agent.ready:
+                await trio.sleep(0.005)
+        await trio.sleep(LATE_LEASE * 2)  # it renews normally again
+        assert agent.ready
+        assert agent.sessions == 1, "the agent reconnected instead of taking the late grant"
+        assert left == [], "the coordinator counted the agent gone"
+        result = await coord.run_migration(Migration("after_late_grant", sql=["SELECT 1"]))
+        assert result.status is MigrationStatus.COMPLETED, result.reason
 
 
 AGENT_SCRIPT = textwrap.dedent(
