@@ -106,13 +106,14 @@ class AsyncioAgent(AgentSession):
         while (interval := self.renew_every) is not None:
             await asyncio.sleep(interval)
             if self.lease_lapsed():
-                # One more renewal, counted from now, then wait for it or a late grant of
-                # those in flight (`AgentSession.late_grant_wait`).
                 self.log_lease_lapsed()
-                with contextlib.suppress(ConnectionClosed):
-                    await ws.send(self.renew_frame())
-                while (wait := self.late_grant_wait()) > 0:
-                    await asyncio.sleep(wait)
+                if self.late_grant_wait() > 0:
+                    # A grant may still come: one more renewal, counted from now, then wait
+                    # for it or for one in flight (`AgentSession.late_grant_wait`).
+                    with contextlib.suppress(ConnectionClosed):
+                        await ws.send(self.renew_frame())
+                    while (wait := self.late_grant_wait()) > 0:
+                        await asyncio.sleep(wait)
                 if self.lapse_is_final():
                     return
             with contextlib.suppress(ConnectionClosed):

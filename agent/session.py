@@ -321,21 +321,28 @@ class AgentSession:
         return max(0.0, self.lease.valid_until + window - self.clock())
 
     def log_lease_lapsed(self) -> None:
-        log.warning(
-            "agent %s: lease lapsed (no renewal within %g s): fenced; waiting %.1f s "
-            "for a late grant before reconnecting",
-            self.agent_id,
-            self.lease.seconds,
-            self._late_grant_left(),
-        )
+        left = self._late_grant_left()
+        if left > 0:
+            log.warning(
+                "agent %s: lease lapsed (no renewal within %g s): fenced; waiting %.1f s "
+                "for a late grant before reconnecting",
+                self.agent_id,
+                self.lease.seconds,
+                left,
+            )
+        else:  # this loop itself ran late (a starved process): no grant can come now
+            log.warning(
+                "agent %s: lease lapsed (no renewal within %g s) longer ago than a grant "
+                "can come: fenced, reconnecting",
+                self.agent_id,
+                self.lease.seconds,
+            )
 
     def lapse_is_final(self) -> bool:
         """After `late_grant_wait`: True if the lease is still lapsed (drop the link,
         reconnect and resync), False if a late grant renewed it."""
         if self.lease_lapsed():
-            log.warning(
-                "agent %s: no late grant came: dropping the link to reconnect", self.agent_id
-            )
+            log.info("agent %s: no late grant: dropping the link to reconnect", self.agent_id)
             return True
         log.info("agent %s: a late grant renewed the lease: serving again", self.agent_id)
         return False
