@@ -60,6 +60,24 @@ class AgentLink:
             self.kick.set()
 
 
+@dataclasses.dataclass
+class LeaseCounts:
+    """Running totals of the fleet's lease traffic, for `/metrics`.
+
+    Why: at fleet scale the renewals are the coordinator's whole idle cost, and leases that
+    expire while their agents look connected are how an overloaded coordinator (or a
+    partition) shows before agents are lost; an operator needs both as rates.
+    """
+
+    #: Renewals granted (not counting the Welcome's first grant).
+    renewed: int = 0
+    #: Renewals refused: the lease had certainly expired or was released.
+    refused: int = 0
+    #: Leases the sweeper counted certainly expired while the agent looked connected (it
+    #: then closed the link): a partition, or renewals the coordinator read too late.
+    expired_while_connected: int = 0
+
+
 class DuplicateAgent(LockstepError):
     """Raised by `Fleet.add` when an agent with that id is already connected (the newcomer is
     refused with close code 4009; the connected one keeps its place)."""
@@ -76,6 +94,7 @@ class Fleet:
         #: Until when (trio clock) leases this coordinator cannot account for may be valid:
         #: a previous leader's agents that have not come back. Destructive SQL waits for it.
         self.unaccounted_until = -math.inf
+        self.lease_counts = LeaseCounts()
 
     @property
     def lease_seconds(self) -> float:
@@ -105,8 +124,10 @@ class Fleet:
             # the link may not have taken effect yet. A grant now would revive, on the
             # agent, a lease the coordinator already counted out (it may be running
             # CONTRACT): the agent waits out its late-grant window and reconnects instead.
+            self.lease_counts.refused += 1
             return False
         self.leases.grant(agent_id, now)
+        self.lease_counts.renewed += 1
         return True
 
     def release(self, agent_id: str) -> None:
@@ -140,6 +161,7 @@ class Fleet:
             for agent_id in self.leases.pop_expired(trio.current_time()):
                 link = self._links.get(agent_id)
                 if link is not None:
+                    self.lease_counts.expired_while_connected += 1
                     log.warning("agent %s: lease expired while connected; closing", agent_id)
                     link.close("lease expired: no renewal", code=1001)
                 expired(agent_id)

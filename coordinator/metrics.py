@@ -29,6 +29,7 @@ from psycopg.conninfo import make_conninfo
 
 from coordinator.backfill import BackfillProgress
 from coordinator.events import AnswerReceived, BadFrame, Event, MigrationFinished, Subscriber
+from coordinator.fleet import LeaseCounts
 from coordinator.pg import thread as pgthread
 from coordinator.pg.attempts import LockRetry
 from statemachine.ledger import AckOutcome
@@ -55,6 +56,19 @@ class RunView(Protocol):
     def machine(self) -> MigrationMachine: ...
 
 
+class FleetView(Protocol):
+    """What the metrics read of the fleet's leases (`coordinator.fleet.Fleet`)."""
+
+    @property
+    def lease_seconds(self) -> float: ...
+
+    @property
+    def departing(self) -> frozenset[str]: ...
+
+    @property
+    def lease_counts(self) -> LeaseCounts: ...
+
+
 class CoordinatorView(Protocol):
     """What the metrics read of a coordinator (`coordinator.core.Coordinator` is one).
 
@@ -67,6 +81,9 @@ class CoordinatorView(Protocol):
 
     @property
     def in_flight(self) -> RunView | None: ...
+
+    @property
+    def fleet(self) -> FleetView: ...
 
     def subscribe(self, subscriber: Subscriber) -> Any: ...
 
@@ -158,6 +175,35 @@ class CoordinatorCollector:
             f"{PREFIX}_agents_connected",
             "Agents connected to this coordinator right now.",
             value=len(self.coordinator.agents),
+        )
+        fleet = self.coordinator.fleet
+        yield GaugeMetricFamily(
+            f"{PREFIX}_agents_departing",
+            "Agents disconnected whose lease has not certainly expired yet (they may still "
+            "serve on the schema they knew: phases wait for them).",
+            value=len(fleet.departing),
+        )
+        yield GaugeMetricFamily(
+            f"{PREFIX}_lease_seconds",
+            "The lease this coordinator grants; agents renew every third of it.",
+            value=fleet.lease_seconds,
+        )
+        counts = fleet.lease_counts
+        yield CounterMetricFamily(
+            f"{PREFIX}_lease_renewals",
+            "Lease renewals granted since this process started (the idle load).",
+            value=counts.renewed,
+        )
+        yield CounterMetricFamily(
+            f"{PREFIX}_lease_renewals_refused",
+            "Renewals refused: the lease had certainly expired or was released.",
+            value=counts.refused,
+        )
+        yield CounterMetricFamily(
+            f"{PREFIX}_leases_expired_while_connected",
+            "Leases counted certainly expired while the agent looked connected (the link is "
+            "then closed): a partition, or a coordinator too loaded to read renewals in time.",
+            value=counts.expired_while_connected,
         )
 
     def _in_flight(self) -> Iterator[Metric]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import trio
 import trio.testing
 
-from coordinator.fleet import AgentLink, Fleet
+from coordinator.fleet import AgentLink, Fleet, LeaseCounts
 from statemachine.lease import certainly_expired_after
 
 LEASE = 1.0
@@ -57,6 +57,7 @@ async def test_a_renewal_read_after_the_sweep_is_refused(
     assert "a" in fleet, "the link is still registered: its close is under way"
     assert not fleet.grant("a")
     assert "a" not in fleet.leases
+    assert fleet.lease_counts == LeaseCounts(renewed=0, refused=1, expired_while_connected=1)
 
 
 async def test_a_renewal_after_a_release_is_refused(

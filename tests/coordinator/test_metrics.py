@@ -167,6 +167,28 @@ async def test_agents_connected_follows_joins_and_leaves(dsn: str) -> None:
         await scrape_until(http, lambda s: value(s, "lockstep_agents_connected") == 0)
 
 
+async def test_lease_traffic_is_counted(dsn: str) -> None:
+    """Renewals (the idle load), leases that expire under a live-looking link (the sign of
+    a partition or an overloaded coordinator) and agents departing are all visible."""
+    lease = 0.6
+    async with open_coordinator(dsn, lease_seconds=lease) as coord, open_http(coord) as http:
+        assert value(await scrape(http.port), "lockstep_lease_seconds") == lease
+        async with open_agent(coord.url, agent_id="renewer"):
+            await scrape_until(http, lambda s: value(s, "lockstep_lease_renewals_total") >= 2)
+        async with raw_client(coord.url) as ws:
+            await say_hello(ws, "silent")  # connected, and never renews
+            await scrape_until(
+                http, lambda s: value(s, "lockstep_leases_expired_while_connected_total") == 1
+            )
+        async with raw_client(coord.url) as ws:
+            await say_hello(ws, "vanished")  # gone without a Release: departing
+        await scrape_until(http, lambda s: value(s, "lockstep_agents_departing") == 1)
+        await scrape_until(http, lambda s: value(s, "lockstep_agents_departing") == 0)
+        samples = await scrape(http.port)
+        assert value(samples, "lockstep_leases_expired_while_connected_total") == 1
+        assert value(samples, "lockstep_lease_renewals_refused_total") == 0
+
+
 async def test_bad_frames_are_counted_by_code(dsn: str) -> None:
     async with (
         open_coordinator(dsn) as coord,
