@@ -375,7 +375,9 @@ async def _lockstep_once(
         # CONFIRM is not waited for: its acks arrive after the result. Their cost is the
         # migration's all the same (CPU, GC), and the next step must not run beside them.
         with trio.move_on_after(ACK_TIMEOUT):
-            while len(confirmed) < len(coord.agents):
+            # len(fleet), not len(coord.agents): that builds a frozenset of the whole fleet,
+            # which every 5 ms at 10,000 agents was 6 % of the CPU charged to the migration.
+            while len(confirmed) < len(coord.fleet):
                 await trio.sleep(0.005)
         samples.cpu_s.append(time.process_time() - cpu)
     unsubscribe()
