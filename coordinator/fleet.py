@@ -95,6 +95,10 @@ class Fleet:
         #: a previous leader's agents that have not come back. Destructive SQL waits for it.
         self.unaccounted_until = -math.inf
         self.lease_counts = LeaseCounts()
+        #: Agents whose current link was never granted a lease: a relay's agent is welcomed
+        #: before the relay may grant (`coordinator.relay.RelayFleet`), so its first
+        #: renewal is its first grant. Unlike a lease that expired or was released.
+        self._never_leased: set[str] = set()
 
     @property
     def lease_seconds(self) -> float:
@@ -113,17 +117,21 @@ class Fleet:
         `first`: the Welcome of a new connection, always a fresh lease for a registered
         link. Without it, a reconnect landing after the previous connection's lease
         certainly expired but before the sweeper popped it would get a Welcome the
-        coordinator does not count, then be declared gone while the agent serves."""
+        coordinator does not count, then be declared gone while the agent serves. A link
+        whose Welcome granted nothing (a relay's agent, welcomed before the relay may
+        grant) gets its first lease from its first renewal."""
         now = trio.current_time()
-        if first and agent_id in self._links:
+        if (first or agent_id in self._never_leased) and agent_id in self._links:
+            self._never_leased.discard(agent_id)
             self.leases.grant(agent_id, now)
             self._lease_added.set()
             return True
         if not self.leases.holds(agent_id, now):
-            # Not in the table: released, or declared gone by the sweeper, whose close of
-            # the link may not have taken effect yet. A grant now would revive, on the
-            # agent, a lease the coordinator already counted out (it may be running
-            # CONTRACT): the agent waits out its late-grant window and reconnects instead.
+            # Leased before and not in the table now: released, or declared gone by the
+            # sweeper, whose close of the link may not have taken effect yet. A grant now
+            # would revive, on the agent, a lease the coordinator already counted out (it
+            # may be running CONTRACT): the agent waits out its late-grant window and
+            # reconnects instead.
             self.lease_counts.refused += 1
             return False
         self.leases.grant(agent_id, now)
@@ -186,12 +194,14 @@ class Fleet:
         if link.agent_id in self._links:
             raise DuplicateAgent(f"agent id {link.agent_id!r} is already connected")
         self._links[link.agent_id] = link
+        self._never_leased.add(link.agent_id)
         self._notify()
 
     def remove(self, link: AgentLink) -> bool:
         """Forget `link` if it is still the registered one; returns whether it was."""
         if self._links.get(link.agent_id) is link:
             del self._links[link.agent_id]
+            self._never_leased.discard(link.agent_id)
             self._notify()
             return True
         return False

@@ -68,3 +68,16 @@ async def test_a_renewal_after_a_release_is_refused(
     assert fleet.grant("a", first=True)
     fleet.release("a")
     assert not fleet.grant("a"), "the agent said it stopped serving: nothing to renew"
+
+
+async def test_a_link_never_leased_is_leased_by_its_first_renewal(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A relay's agent is welcomed before the relay may grant (its Welcome comes from the
+    leader): its first renewal is its first grant. Once leased and released, never again."""
+    fleet = Fleet(LEASE)
+    _link(fleet, "a")
+    assert fleet.grant("a")
+    assert fleet.leases.holds("a", trio.current_time())
+    fleet.release("a")
+    assert not fleet.grant("a")
