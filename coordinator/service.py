@@ -39,7 +39,9 @@ from trio_websocket import WebSocketRequest
 
 from coordinator.admission import Ticket
 from coordinator.core import Coordinator
+from coordinator.events import Subscriber
 from coordinator.executor import PostgresExecutor
+from coordinator.fleet import Fleet
 from coordinator.history import PostgresHistory
 from coordinator.http import PostgresProbe, serve_http
 from coordinator.leader import Deposed, Leadership, default_holder, open_leadership
@@ -49,6 +51,7 @@ from coordinator.pg.notify import listen
 from coordinator.pg.thread import query
 from coordinator.queue import CHANNEL, abort_requested, mark_not_run, next_queued
 from coordinator.relay import Relay, RelayHub
+from coordinator.runner import MigrationRun
 from coordinator.server import serve_bounded
 from statemachine.exceptions import AlreadyApplied, unwrap_single_group
 from statemachine.gate import MigrationRejected
@@ -332,7 +335,7 @@ async def open_service(
             if http_port is not None:
                 service.http_port = await nursery.start(
                     functools.partial(
-                        serve_http, coordinator, http_host, http_port, readiness=service
+                        serve_http, _ServedView(service), http_host, http_port, readiness=service
                     )
                 )
             nursery.start_soon(service.run)
@@ -341,6 +344,47 @@ async def open_service(
             finally:
                 nursery.cancel_scope.cancel()
                 await coordinator.aclose()  # the lint catalog's held connection
+
+
+class _ServedView:
+    """What this replica's ``/metrics`` reads: its coordinator's fleet while it leads (or
+    has no relay), its relay's fleet while it stands by and relays.
+
+    Why: a relaying standby's agents are connected to its relay, not to its coordinator
+    (which serves nobody while it stands by), so reading the coordinator alone showed a
+    relay with thousands of agents as serving none. Migration figures still come from the
+    coordinator: only a leader runs migrations, and it counts relayed agents too (so sum
+    `lockstep_agents_connected` over the leader or over the relays, not over both).
+    """
+
+    def __init__(self, service: Service) -> None:
+        self._service = service
+
+    def _fleet(self) -> Fleet:
+        service = self._service
+        if service.relay is None or service.is_leader():
+            return service.coordinator.fleet
+        return service.relay.fleet
+
+    @property
+    def agents(self) -> frozenset[str]:
+        return self._fleet().agent_ids
+
+    @property
+    def fleet(self) -> Fleet:
+        return self._fleet()
+
+    @property
+    def in_flight(self) -> MigrationRun | None:
+        return self._service.coordinator.in_flight
+
+    @property
+    def history(self) -> object:
+        """The coordinator's history: /metrics reads migrations by status from it."""
+        return self._service.coordinator.history
+
+    def subscribe(self, subscriber: Subscriber) -> Any:
+        return self._service.coordinator.subscribe(subscriber)
 
 
 class _Dispatch:

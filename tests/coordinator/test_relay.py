@@ -33,6 +33,7 @@ from statemachine.relay import (
 )
 from tests.support.failover import terminate_lock_session
 from tests.support.flow import columns, history, make_users, raw_client, say_hello
+from tests.support.http_client import scrape, value
 
 LEASE = 2.0
 FAST = {
@@ -75,6 +76,27 @@ async def _replicas(dsn: str, **options: object) -> AsyncIterator[tuple[Service,
             assert relay.relay is not None
             await _until(lambda: relay.relay is not None and relay.relay.linked, 10)
             yield leader, relay
+
+
+async def test_a_relays_metrics_count_the_agents_it_serves(dsn: str) -> None:
+    """The relay's own /metrics show its agents and their leases; the leader's count every
+    agent, relayed or not."""
+    async with (
+        _replicas(dsn, http_port=0) as (leader, relay),
+        open_agent(relay.url, agent_id="r1"),
+        open_agent(relay.url, agent_id="r2"),
+        open_agent(leader.url, agent_id="l1"),
+    ):
+        assert leader.http_port is not None and relay.http_port is not None
+        await leader.coordinator.wait_for_agents(3, timeout=10)
+        on_relay = await scrape(relay.http_port)
+        on_leader = await scrape(leader.http_port)
+        assert value(on_relay, "lockstep_agents_connected") == 2
+        assert value(on_relay, "lockstep_is_leader") == 0
+        assert value(on_leader, "lockstep_agents_connected") == 3
+        # What the relay grants: the leader's lease, never more than the relay holds.
+        relay_lease = value(on_relay, "lockstep_lease_seconds")
+        assert 0 < relay_lease <= value(on_leader, "lockstep_lease_seconds")
 
 
 def test_relay_frames_fit_the_leaders_websocket_message_limit() -> None:
