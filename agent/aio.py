@@ -35,6 +35,7 @@ from agent.errors import (
     MissingExtra,
     StaleLeader,
 )
+from agent.leasing import renew_until_lapsed
 from agent.session import LEAVE_DRAIN, AgentSession, HookFn, MigrationInfo, ResyncStep
 from statemachine.lease import DEFAULT_LEASE_SECONDS
 from statemachine.protocol import MAX_FRAME_BYTES, PhaseNotice, Welcome
@@ -101,24 +102,15 @@ class AsyncioAgent(AgentSession):
                 self.log_resync_failure(step)
 
     async def keep_lease(self, ws: ClientConnection) -> None:
-        """Renew the lease every lease/3 s; return once it lapsed and no late grant came
-        (`Agent.keep_lease`)."""
-        while (interval := self.renew_every) is not None:
-            await asyncio.sleep(interval)
-            if self.lease_lapsed():
-                self.log_lease_lapsed()
-                if self.late_grant_wait() > 0:
-                    # A grant may still come: one more renewal, counted from now, then wait
-                    # for it or for one in flight (`AgentSession.late_grant_wait`).
-                    with contextlib.suppress(ConnectionClosed):
-                        await ws.send(self.renew_frame())
-                    while (wait := self.late_grant_wait()) > 0:
-                        await asyncio.sleep(wait)
-                if self.lapse_is_final():
-                    return
+        """Renew the lease until it lapsed and no late grant came (`Agent.keep_lease`)."""
+
+        async def send(frame: str) -> None:
             with contextlib.suppress(ConnectionClosed):
-                await ws.send(self.renew_frame())
-        await asyncio.Future()  # no leases: only the connection's end ends the session
+                await ws.send(frame)
+
+        await renew_until_lapsed(self, send=send, sleep=asyncio.sleep)
+        if self.renew_every is None:
+            await asyncio.Future()  # no leases: only the connection's end ends the session
 
     async def serve_leased(self, ws: ClientConnection) -> None:
         """`run` and `keep_lease` together: whichever ends first ends the connection."""

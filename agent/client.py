@@ -41,6 +41,7 @@ from agent.errors import (
     CoordinatorUnreachable,
     HandshakeRejected,
 )
+from agent.leasing import renew_until_lapsed
 from agent.session import LEAVE_DRAIN, AgentSession, HookFn, MigrationInfo, ResyncStep
 from statemachine.exceptions import unwrap_single_group
 from statemachine.lease import DEFAULT_LEASE_SECONDS
@@ -115,24 +116,14 @@ class Agent(AgentSession):
         await self.serve_leased(ws)
 
     async def keep_lease(self, ws: WebSocketConnection) -> None:
-        """Renew the lease every lease/3 seconds; return once it lapsed and no late grant
-        came (`AgentSession.late_grant_wait`: the link is dead even if it looks open, a
-        partition), or at once if the coordinator grants none."""
-        while (interval := self.renew_every) is not None:
-            await trio.sleep(interval)
-            if self.lease_lapsed():
-                self.log_lease_lapsed()
-                if self.late_grant_wait() > 0:
-                    # A grant may still come: one more renewal, counted from now, then wait
-                    # for it or for one in flight (`AgentSession.late_grant_wait`).
-                    with contextlib.suppress(ConnectionClosed):
-                        await ws.send_message(self.renew_frame())
-                    while (wait := self.late_grant_wait()) > 0:
-                        await trio.sleep(wait)
-                if self.lapse_is_final():
-                    return
+        """Renew the lease until it lapsed and no late grant came, or return at once if the
+        coordinator grants none (`agent.leasing.renew_until_lapsed`)."""
+
+        async def send(frame: str) -> None:
             with contextlib.suppress(ConnectionClosed):
-                await ws.send_message(self.renew_frame())
+                await ws.send_message(frame)
+
+        await renew_until_lapsed(self, send=send, sleep=trio.sleep)
 
     async def serve_leased(self, ws: WebSocketConnection) -> None:
         """`run` and `keep_lease` together: whichever ends first ends the connection."""
