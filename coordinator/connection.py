@@ -148,7 +148,7 @@ async def serve_connection(
     reason = "connection closed"
     try:
         # The Welcome is the first grant: counted from now, after the agent sent its hello.
-        coordinator.fleet.grant(hello.agent_id, first=True)
+        coordinator.fleet.grant(hello.agent_id)
         coordinator.agent_joined(hello.agent_id)
         coordinator.events.emit(AgentJoined(hello.agent_id, remote))
         welcome = coordinator.welcome(hello.agent_id)

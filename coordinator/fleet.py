@@ -52,6 +52,8 @@ class AgentLink:
     kick_code: int = 1008
     #: Bad frames received in a row (reset by an answer that counted); see connection.py.
     bad_frames: int = 0
+    #: Whether this connection was granted a lease yet (`Fleet.grant`).
+    leased: bool = False
 
     def close(self, reason: str, *, code: int = 1008) -> None:
         if not self.kick.is_set():
@@ -95,10 +97,6 @@ class Fleet:
         #: a previous leader's agents that have not come back. Destructive SQL waits for it.
         self.unaccounted_until = -math.inf
         self.lease_counts = LeaseCounts()
-        #: Agents whose current link was never granted a lease: a relay's agent is welcomed
-        #: before the relay may grant (`coordinator.relay.RelayFleet`), so its first
-        #: renewal is its first grant. Unlike a lease that expired or was released.
-        self._never_leased: set[str] = set()
 
     @property
     def lease_seconds(self) -> float:
@@ -109,20 +107,20 @@ class Fleet:
         """Agents not connected whose lease has not certainly expired yet."""
         return self.leases.holders - self._links.keys()
 
-    def grant(self, agent_id: str, *, first: bool = False) -> bool:
+    def grant(self, agent_id: str) -> bool:
         """Grant (or renew) `agent_id`'s lease now; False if it certainly expired already
         or was released (it was declared gone: its connection is being closed, it must
         reconnect).
 
-        `first`: the Welcome of a new connection, always a fresh lease for a registered
-        link. Without it, a reconnect landing after the previous connection's lease
-        certainly expired but before the sweeper popped it would get a Welcome the
-        coordinator does not count, then be declared gone while the agent serves. A link
-        whose Welcome granted nothing (a relay's agent, welcomed before the relay may
-        grant) gets its first lease from its first renewal."""
+        A connection's first grant (its Welcome's, or, for a relay's agent welcomed before
+        the relay may grant, its first renewal's) is always a fresh lease. Otherwise a
+        reconnect landing after the previous connection's lease certainly expired, but
+        before the sweeper popped it, would get a Welcome the coordinator does not count,
+        then be declared gone while the agent serves."""
         now = trio.current_time()
-        if (first or agent_id in self._never_leased) and agent_id in self._links:
-            self._never_leased.discard(agent_id)
+        link = self._links.get(agent_id)
+        if link is not None and not link.leased:
+            link.leased = True
             self.leases.grant(agent_id, now)
             self._lease_added.set()
             return True
@@ -194,14 +192,12 @@ class Fleet:
         if link.agent_id in self._links:
             raise DuplicateAgent(f"agent id {link.agent_id!r} is already connected")
         self._links[link.agent_id] = link
-        self._never_leased.add(link.agent_id)
         self._notify()
 
     def remove(self, link: AgentLink) -> bool:
         """Forget `link` if it is still the registered one; returns whether it was."""
         if self._links.get(link.agent_id) is link:
             del self._links[link.agent_id]
-            self._never_leased.discard(link.agent_id)
             self._notify()
             return True
         return False

@@ -219,7 +219,7 @@ class RelaySession:
                 self.drop(agent_id, CLOSE_DUPLICATE_AGENT, str(exc))
                 continue
             self.links[agent_id] = link
-            fleet.grant(agent_id, first=True)
+            fleet.grant(agent_id)  # the link's first grant: a fresh lease
             # The Welcome first (built now, so it tells the truth), then whatever joining
             # queues for the agent (the notice of a phase it missed).
             welcome = host.welcome(agent_id)
@@ -401,11 +401,11 @@ class RelayFleet(Fleet):
         seconds = self.own_lease.seconds or self.leases.seconds
         return relay_grant_seconds(seconds, self.own_lease.valid_until, trio.current_time())
 
-    def grant(self, agent_id: str, *, first: bool = False) -> bool:
+    def grant(self, agent_id: str) -> bool:
         return (
             self.announced_on.get(agent_id) == self.link_number
             and self.own_lease.valid(trio.current_time())
-            and super().grant(agent_id, first=first)
+            and super().grant(agent_id)
         )
 
 

@@ -27,12 +27,12 @@ async def test_a_reconnect_after_an_unswept_expiry_gets_a_counted_lease(
     it is granted."""
     fleet = Fleet(LEASE)
     first = _link(fleet, "a")
-    assert fleet.grant("a", first=True)
+    assert fleet.grant("a")
     fleet.remove(first)  # the connection closed: departing
     await trio.sleep(certainly_expired_after(LEASE) + 0.1)  # no sweeper runs here
     assert not fleet.grant("a"), "a renewal after the certain expiry is refused"
     _link(fleet, "a")
-    assert fleet.grant("a", first=True)
+    assert fleet.grant("a")
     now = trio.current_time()
     assert fleet.leases.holds("a", now)
     assert fleet.leases.pop_expired(now) == []
@@ -47,7 +47,7 @@ async def test_a_renewal_read_after_the_sweep_is_refused(
     make the agent's lease valid again after the coordinator counted it out."""
     fleet = Fleet(LEASE)
     _link(fleet, "a")
-    assert fleet.grant("a", first=True)
+    assert fleet.grant("a")
     gone: list[str] = []
     async with trio.open_nursery() as nursery:
         nursery.start_soon(fleet.sweep_leases, gone.append)
@@ -65,7 +65,7 @@ async def test_a_renewal_after_a_release_is_refused(
 ) -> None:
     fleet = Fleet(LEASE)
     _link(fleet, "a")
-    assert fleet.grant("a", first=True)
+    assert fleet.grant("a")
     fleet.release("a")
     assert not fleet.grant("a"), "the agent said it stopped serving: nothing to renew"
 
