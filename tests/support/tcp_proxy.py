@@ -10,7 +10,7 @@ accepted during a blackhole are held too and connected upstream only when it hea
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import trio
 
@@ -35,6 +35,18 @@ class TcpProxy:
     def forward(self) -> None:
         """Forward again; held bytes are delivered first."""
         self._flowing.set()
+
+    async def partition_for(self, seconds: float, *, watch: Callable[[], bool]) -> bool:
+        """Blackhole for `seconds`, then forward again; whether `watch()` held at some point
+        meanwhile (looked at every 5 ms: a fence that lasts less than that may be missed)."""
+        self.blackhole()
+        seen = False
+        with trio.move_on_after(seconds):
+            while True:
+                seen = seen or watch()
+                await trio.sleep(0.005)
+        self.forward()
+        return seen
 
     async def _until_flowing(self) -> None:
         while not self._flowing.is_set():
