@@ -500,7 +500,7 @@ async def test_an_agent_gone_while_the_start_is_recorded_is_not_waited_for(
                 await trio.sleep(0.01)
             gone.set()
 
-        coord.history.record_start = slow_start  # type: ignore[method-assign]
+        coord.history.record_start = slow_start  # type: ignore[method-assign,assignment]
         async with trio.open_nursery() as n, open_agent(coord.url, agent_id="stayer"):
             n.start_soon(leaver)
             n.start_soon(leave_once_counted)
