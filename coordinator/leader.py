@@ -11,9 +11,11 @@ A lock taken once and never looked at again is not leadership: an operator's
 the session and frees the lock for a successor while the holder still thinks it leads. So
 `open_leadership` probes its lock session every `probe_interval` seconds (is the session
 alive, does it still hold the lock, is the epoch still ours?) and gives the probe
-`probe_timeout` seconds to answer; the first probe that fails ends the leadership: the body
-of the ``async with`` is cancelled and `LeadershipLost` raised. A leader thus stops acting
-within `probe_interval + probe_timeout` seconds of losing its session (4 s by default), and
+`probe_timeout` seconds to answer, timed from the query sent to its answer: a leader too busy
+to look at an answer at once is not deposed by its own load. The first probe that fails ends
+the leadership: the body of the ``async with`` is cancelled and `LeadershipLost` raised. A
+leader thus stops acting within `probe_interval + probe_timeout` seconds of losing its
+session (4 s by default; later only if its event loop is as late in everything it does), and
 the epoch fence covers that window.
 
 A standby polls `pg_try_advisory_lock` every `poll_interval` seconds; PostgreSQL frees the
@@ -28,6 +30,7 @@ import dataclasses
 import logging
 import os
 import socket
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -105,27 +108,69 @@ async def _try_take(conn: psycopg.Connection[Any], holder: str, takes_queue: boo
     return await pgthread.run_in_thread(conn, work)
 
 
-async def _probe(conn: psycopg.Connection[Any], epoch: int, timeout: float) -> str | None:
-    """None while the leadership holds; otherwise why it does not."""
+@dataclasses.dataclass
+class _ProbeAnswer:
+    """What the lock session said, and how long it took (read in the probe's thread)."""
 
-    def work() -> tuple[bool, int]:
-        row = conn.execute(_HOLDS_LOCK.encode()).fetchone()
-        assert row is not None
-        return bool(row[0]), int(row[1])
+    took: float
+    holds: bool
+    epoch: int
 
-    # Abandoned, not cancelled, on timeout: a partitioned connection may never answer, and
-    # asking the server to cancel would hang the same way.
-    with trio.move_on_after(timeout):
+
+async def _probe(
+    conn: psycopg.Connection[Any], epoch: int, timeout: float, limiter: trio.CapacityLimiter
+) -> str | None:
+    """None while the leadership holds; otherwise why it does not.
+
+    The timeout is the database's, timed in the worker thread from the query sent to its
+    answer, not trio's from the probe's start. A leader busy accepting thousands of agents
+    runs batches of tasks that last seconds: its thread started late, or answered at once
+    and waited a batch to be looked at, while trio's deadline fired first, so a healthy
+    leader deposed itself and dropped its whole fleet (seen at 10,000 agents: "did not
+    answer a probe within 3 s"). A busy loop slows this leader's reaction to a lost session
+    exactly as it slows everything the leader does; a session that does not answer within
+    `timeout` of being asked still ends the leadership. `limiter` is the probe's own thread
+    token, so the database work of migrations can never keep a probe from being asked.
+    """
+    asked: list[float] = []
+    answers: list[_ProbeAnswer] = []
+    failures: list[psycopg.Error] = []
+
+    def work() -> None:
+        asked.append(time.monotonic())
         try:
-            holds, current = await trio.to_thread.run_sync(work, abandon_on_cancel=True)
+            row = conn.execute(_HOLDS_LOCK.encode()).fetchone()
         except psycopg.Error as exc:
-            return f"the lock session failed: {pg_message(exc)}"
-        if not holds:
-            return "the lock session no longer holds the leader lock"
-        if current != epoch:
-            return f"another coordinator took over (epoch {current}, ours {epoch})"
-        return None
-    return f"the lock session did not answer a probe within {timeout:g} s"
+            failures.append(exc)
+            return
+        assert row is not None
+        answers.append(_ProbeAnswer(time.monotonic() - asked[0], bool(row[0]), int(row[1])))
+
+    async with trio.open_nursery() as nursery:
+
+        async def ask() -> None:
+            # Abandoned, not cancelled, past the timeout: a partitioned connection may
+            # never answer, and asking the server to cancel would hang the same way.
+            await trio.to_thread.run_sync(work, abandon_on_cancel=True, limiter=limiter)
+            nursery.cancel_scope.cancel()  # answered: stop waiting
+
+        nursery.start_soon(ask)
+        while not (asked and time.monotonic() - asked[0] > timeout):
+            # Until the thread has waited `timeout` since it asked (or, not started yet,
+            # a tenth of it before looking again).
+            left = asked[0] + timeout - time.monotonic() if asked else timeout / 10
+            await trio.sleep(max(0.0, left))
+        nursery.cancel_scope.cancel()
+    if failures:
+        return f"the lock session failed: {pg_message(failures[0])}"
+    if not answers or answers[0].took > timeout:
+        return f"the lock session did not answer a probe within {timeout:g} s"
+    answer = answers[0]
+    if not answer.holds:
+        return "the lock session no longer holds the leader lock"
+    if answer.epoch != epoch:
+        return f"another coordinator took over (epoch {answer.epoch}, ours {epoch})"
+    return None
 
 
 async def _connect_lock_session(dsn: str) -> psycopg.Connection[Any]:
@@ -202,9 +247,10 @@ async def _watch(
     scope: trio.CancelScope,
 ) -> None:
     """Probe until a probe fails, then record why and cancel the leader's work (`scope`)."""
+    limiter = trio.CapacityLimiter(1)
     while True:
         await trio.sleep(interval)
-        reason = await _probe(conn, leadership.epoch, timeout)
+        reason = await _probe(conn, leadership.epoch, timeout, limiter)
         if reason is not None:
             leadership.lost_reason = reason
             log.error("lost the leadership (epoch %d): %s", leadership.epoch, reason)

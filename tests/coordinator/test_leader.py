@@ -112,3 +112,18 @@ async def test_an_unreachable_database_is_waited_for_not_raised(
             pytest.fail("led a database that cannot be reached")
     assert scope.cancelled_caught
     assert "cannot reach the database to take the leader lock" in caplog.text
+
+
+async def test_a_leader_too_busy_to_look_at_its_probe_keeps_the_leadership(dsn: str) -> None:
+    """A busy event loop is not a lost session: the leader must not depose itself (and
+    drop its fleet) because it read the probe's answer late. The loop is blocked in
+    stretches longer than the probe timeout, as the batches of a leader accepting 10,000
+    agents were; the database answers each probe at once."""
+    await _schema(dsn)
+    async with open_leadership(dsn, probe_interval=0.05, probe_timeout=0.3) as lead:
+        deadline = time.monotonic() + 2.5
+        while time.monotonic() < deadline:
+            await trio.sleep(0)  # one batch: a due probe starts its thread ...
+            time.sleep(0.6)  # ... which answers now, but the loop looks only after 0.6 s
+        await trio.sleep(0.5)  # the last probe is read and judged
+        assert lead.is_leader(), lead.lost_reason
