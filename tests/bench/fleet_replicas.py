@@ -147,10 +147,16 @@ def process_cpu(pid: int) -> float:
 
 
 def _connected(http_port: int) -> int:
-    with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics", timeout=5) as reply:
-        for line in reply.read().decode().splitlines():
-            if line.startswith("lockstep_agents_connected "):
-                return int(float(line.split()[1]))
+    """Agents the leader counts; -1 while its /metrics does not answer in time (a leader
+    busy accepting thousands of agents is slow to answer, which is not a failure here)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics", timeout=5) as reply:
+            text = reply.read().decode()
+    except OSError:  # URLError, TimeoutError, ConnectionResetError
+        return -1
+    for line in text.splitlines():
+        if line.startswith("lockstep_agents_connected "):
+            return int(float(line.split()[1]))
     return 0
 
 
