@@ -51,6 +51,7 @@ from coordinator.cli.embedded import resolve_dsn
 from coordinator.queue import submit
 from coordinator.service import open_service
 from statemachine import Migration
+from statemachine.lease import DEFAULT_LEASE_SECONDS
 from tests.bench import scaffold
 from tests.bench.markdown import table as markdown_table
 from tests.support.processes import free_port, reap
@@ -123,6 +124,7 @@ async def _serve_forever(args: argparse.Namespace) -> None:
         http_port=args.http_port,
         relay=args.relay,
         limits=limits,
+        lease_seconds=args.lease,
     ):
         await trio.sleep_forever()
 
@@ -134,6 +136,7 @@ def serve_main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--http-port", type=int)
     p.add_argument("--relay", action="store_true")
+    p.add_argument("--lease", type=float, default=DEFAULT_LEASE_SECONDS)
     with contextlib.suppress(KeyboardInterrupt):
         trio.run(_serve_forever, p.parse_args(argv))
     return 0
@@ -189,10 +192,13 @@ async def _run_setup(
         procs = []
         workers: list[_Child] = []
         try:
-            procs.append(_serve(dsn, ports[0], "--http-port", str(http_port), output=logs[0]))
+            lease = ("--lease", str(args.lease))
+            procs.append(
+                _serve(dsn, ports[0], "--http-port", str(http_port), *lease, output=logs[0])
+            )
             await _wait_up(http_port)
             for port, log in zip(ports[1:], logs[1:], strict=True):
-                procs.append(_serve(dsn, port, "--relay", output=log))
+                procs.append(_serve(dsn, port, "--relay", *lease, output=log))
             await trio.sleep(2.0)  # the relays link (they poll for the leader's URL)
             shares = _split(agents, replicas)
             for index, (port, share) in enumerate(zip(ports, shares, strict=True)):
@@ -346,7 +352,8 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
             server,
             time.monotonic() - started,
             f"{args.repeat} migrations per setup, {args.workers} agent processes per replica,"
-            " each coordinator an `open_service` process (bench connection limits)",
+            " each coordinator an `open_service` process (bench connection limits),"
+            f" lease {args.lease:g} s",
         )
     console.print(table(rows))
     lines = markdown_table(_HEADERS, _all_cells(rows))
