@@ -178,6 +178,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="instead: a leader and REPLICAS-1 relaying `lockstep serve` replicas against one"
         " coordinator, CPU per process (tests/bench/fleet_replicas.py)",
     )
+    p.add_argument(
+        "--serve-logs",
+        type=Path,
+        metavar="DIR",
+        help="with --replicas: keep each `lockstep serve` process's log in DIR (agents-setup-index"
+        ".log); without it they are discarded",
+    )
     return p
 
 

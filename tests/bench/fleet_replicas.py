@@ -149,6 +149,16 @@ def process_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICKS
 
 
+def _log_file(args: argparse.Namespace, setup: str, index: int) -> IO[str]:
+    """Where serve process `index` of `setup` writes its log: `--serve-logs`, or nowhere.
+    Why keep them: a leader that deposes itself or refuses agents says so only there."""
+    if args.serve_logs is None:
+        return open(os.devnull, "w")
+    args.serve_logs.mkdir(parents=True, exist_ok=True)
+    name = f"{setup.replace(' ', '-')}-{index}.log"
+    return open(args.serve_logs / name, "w")
+
+
 def _connected(http_port: int) -> int:
     """Agents the leader counts; -1 while its /metrics does not answer in time (a leader
     busy accepting thousands of agents is slow to answer, which is not a failure here)."""
@@ -188,7 +198,7 @@ async def _run_setup(
             conn.execute("CREATE TABLE fleet_bench (id bigint PRIMARY KEY)")
         ports = [free_port() for _ in range(replicas)]
         http_port = free_port()
-        logs = [open(os.devnull, "w") for _ in ports]  # noqa: SIM115 (closed below)
+        logs = [_log_file(args, f"{agents}-{setup}", i) for i in range(len(ports))]
         procs = []
         workers: list[_Child] = []
         try:
