@@ -159,14 +159,14 @@ def _log_file(args: argparse.Namespace, setup: str, index: int) -> IO[str]:
     return open(args.serve_logs / name, "w")
 
 
-def _connected(http_port: int) -> int:
-    """Agents the leader counts; -1 while its /metrics does not answer in time (a leader
-    busy accepting thousands of agents is slow to answer, which is not a failure here)."""
+def _connected(http_port: int) -> int | None:
+    """Agents the leader counts; None while its /metrics does not answer (not up yet, or a
+    leader busy accepting thousands of agents and slow to answer: not a failure here)."""
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics", timeout=5) as reply:
             text = reply.read().decode()
     except OSError:  # URLError, TimeoutError, ConnectionResetError
-        return -1
+        return None
     for line in text.splitlines():
         if line.startswith("lockstep_agents_connected "):
             return int(float(line.split()[1]))
@@ -175,7 +175,7 @@ def _connected(http_port: int) -> int:
 
 async def _wait_connected(http_port: int, count: int) -> None:
     with trio.fail_after(CONNECT_TIMEOUT):
-        while await trio.to_thread.run_sync(_connected, http_port) < count:
+        while (await trio.to_thread.run_sync(_connected, http_port) or 0) < count:
             await trio.sleep(0.5)
 
 
@@ -276,12 +276,8 @@ async def _run_setup(
 
 async def _wait_up(http_port: int) -> None:
     with trio.fail_after(60):
-        while True:
-            try:
-                await trio.to_thread.run_sync(_connected, http_port)
-                return
-            except OSError:
-                await trio.sleep(0.2)
+        while await trio.to_thread.run_sync(_connected, http_port) is None:
+            await trio.sleep(0.2)
 
 
 async def _bench(server: str, args: argparse.Namespace, console: Console) -> list[ReplicaRow]:
