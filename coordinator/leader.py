@@ -109,12 +109,21 @@ async def _try_take(conn: psycopg.Connection[Any], holder: str, takes_queue: boo
 
 
 @dataclasses.dataclass
-class _ProbeAnswer:
-    """What the lock session said, and how long it took (read in the probe's thread)."""
+class _ProbeCall:
+    """One probe as its worker thread saw it (`time.monotonic`): written by the thread, read
+    by the probe even after it stopped waiting, so a late look still sees a timely answer."""
 
-    took: float
-    holds: bool
-    epoch: int
+    asked: float | None = None
+    answered: float | None = None
+    holds: bool = False
+    epoch: int = 0
+    error: psycopg.Error | None = None
+
+    def waited(self, now: float) -> float:
+        """How long the session has had to answer by `now` (0 before it was asked)."""
+        if self.asked is None:
+            return 0.0
+        return (now if self.answered is None else self.answered) - self.asked
 
 
 async def _probe(
@@ -132,19 +141,18 @@ async def _probe(
     `timeout` of being asked still ends the leadership. `limiter` is the probe's own thread
     token, so the database work of migrations can never keep a probe from being asked.
     """
-    asked: list[float] = []
-    answers: list[_ProbeAnswer] = []
-    failures: list[psycopg.Error] = []
+    call = _ProbeCall()
 
     def work() -> None:
-        asked.append(time.monotonic())
+        call.asked = time.monotonic()
         try:
             row = conn.execute(_HOLDS_LOCK.encode()).fetchone()
         except psycopg.Error as exc:
-            failures.append(exc)
+            call.error = exc
             return
         assert row is not None
-        answers.append(_ProbeAnswer(time.monotonic() - asked[0], bool(row[0]), int(row[1])))
+        call.holds, call.epoch = bool(row[0]), int(row[1])
+        call.answered = time.monotonic()
 
     async with trio.open_nursery() as nursery:
 
@@ -155,21 +163,19 @@ async def _probe(
             nursery.cancel_scope.cancel()  # answered: stop waiting
 
         nursery.start_soon(ask)
-        while not (asked and time.monotonic() - asked[0] > timeout):
+        while (waited := call.waited(time.monotonic())) <= timeout:
             # Until the thread has waited `timeout` since it asked (or, not started yet,
             # a tenth of it before looking again).
-            left = asked[0] + timeout - time.monotonic() if asked else timeout / 10
-            await trio.sleep(max(0.0, left))
+            await trio.sleep(timeout - waited if call.asked is not None else timeout / 10)
         nursery.cancel_scope.cancel()
-    if failures:
-        return f"the lock session failed: {pg_message(failures[0])}"
-    if not answers or answers[0].took > timeout:
+    if call.error is not None:
+        return f"the lock session failed: {pg_message(call.error)}"
+    if call.answered is None or call.waited(call.answered) > timeout:
         return f"the lock session did not answer a probe within {timeout:g} s"
-    answer = answers[0]
-    if not answer.holds:
+    if not call.holds:
         return "the lock session no longer holds the leader lock"
-    if answer.epoch != epoch:
-        return f"another coordinator took over (epoch {answer.epoch}, ours {epoch})"
+    if call.epoch != epoch:
+        return f"another coordinator took over (epoch {call.epoch}, ours {epoch})"
     return None
 
 
